@@ -1,0 +1,1 @@
+"""hsmdifctl: talk to hsmdifd."""

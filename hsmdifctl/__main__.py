@@ -1,0 +1,5 @@
+import sys
+
+from hsmdifctl.cli import main
+
+sys.exit(main())

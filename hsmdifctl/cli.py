@@ -1,0 +1,330 @@
+"""`hsmdifctl`: the command line for hsmdifd.
+
+Exit codes: 0 ok, 1 the command failed, 2 usage, 3 the daemon is unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import grpc
+
+from hsmdifctl import render
+from hsmdifctl.client import Unreachable, connect, probe, socket_path
+from hsmdifd.proto import hsmdif_pb2 as pb
+from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+class CommandFailed(Exception):
+    """The daemon refused or failed the request; the message is for the user."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 5.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 5 (got {value:g})")
+    return value
+
+
+def seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {2**32 - 1}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    def global_options(parser: argparse.ArgumentParser, default: object) -> None:
+        parser.add_argument("--socket", metavar="PATH", default=default, help="control socket")
+        parser.add_argument("--json", action="store_true", default=default, help="print JSON")
+
+    # The options may come before or after COMMAND; after it they must not reset
+    # what was given before, hence SUPPRESS as their default there.
+    common = argparse.ArgumentParser(add_help=False)
+    global_options(common, argparse.SUPPRESS)
+    p = argparse.ArgumentParser(prog="hsmdifctl", description="Control hsmdifd.")
+    global_options(p, None)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser("status", parents=[common], help="this device, the root and the model")
+    devices = sub.add_parser("devices", parents=[common], help="the devices and their figures")
+    devices.add_argument(
+        "--refresh-speed", action="store_true", help="measure this device's speed again"
+    )
+
+    load = sub.add_parser("load", parents=[common], help="load a model (default: the bundled one)")
+    load.add_argument("model", nargs="?", default="", metavar="MODEL", help="path to a .gguf file")
+    load.add_argument("--max-seq-len", type=positive_int, default=0, metavar="N")
+    load.add_argument("--threads", type=positive_int, default=0, metavar="N")
+
+    sub.add_parser("unload", parents=[common], help="unload the model")
+
+    def sampling(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--max-tokens", type=positive_int, default=0, metavar="N")
+        parser.add_argument("--temperature", type=temperature, metavar="T")
+        parser.add_argument("--seed", type=seed, metavar="S")
+
+    prompt = sub.add_parser("prompt", parents=[common], help="answer one prompt")
+    prompt.add_argument("text", metavar="TEXT", help="the prompt; - reads it from stdin")
+    prompt.add_argument("--raw", action="store_true", help="no chat template")
+    sampling(prompt)
+
+    chat = sub.add_parser("chat", parents=[common], help="an interactive conversation")
+    sampling(chat)
+    return p
+
+
+@dataclass
+class Session:
+    """One command's connection to the daemon."""
+
+    stub: pb_grpc.ControlStub
+    json: bool
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    err: TextIO = field(default_factory=lambda: sys.stderr)
+
+
+def cmd_status(s: Session, args: argparse.Namespace) -> None:
+    reply = s.stub.Status(pb.StatusRequest())
+    if s.json:
+        render.print_json(render.status_dict(reply), s.out)
+    else:
+        print(render.status_text(reply), file=s.out)
+
+
+def cmd_devices(s: Session, args: argparse.Namespace) -> None:
+    reply = s.stub.Devices(pb.DevicesRequest(refresh_speed=args.refresh_speed))
+    if s.json:
+        render.print_json([render.device_dict(d) for d in reply.devices], s.out)
+    else:
+        print(render.devices_text(list(reply.devices)), file=s.out)
+
+
+def cmd_load(s: Session, args: argparse.Namespace) -> None:
+    model = args.model
+    if model and model != "-" and not os.path.isabs(model) and os.path.exists(model):
+        model = os.path.abspath(model)  # the daemon resolves paths from its own directory
+    request = pb.LoadRequest(model_path=model, max_seq_len=args.max_seq_len, threads=args.threads)
+    progress = render.Progress("Loading")
+    try:
+        for event in s.stub.Load(request):
+            if event.HasField("progress"):
+                progress.update(event.progress.fraction, event.progress.stage)
+            else:
+                progress.clear()
+                if s.json:
+                    render.print_json(render.model_dict(event.loaded), s.out)
+                else:
+                    print(render.loaded_text(event.loaded), file=s.out)
+    finally:
+        progress.clear()
+
+
+def cmd_unload(s: Session, args: argparse.Namespace) -> None:
+    reply = s.stub.Unload(pb.UnloadRequest())
+    if s.json:
+        render.print_json({"unloaded": reply.was_loaded}, s.out)
+    else:
+        print("Unloaded the model" if reply.was_loaded else "No model was loaded", file=s.out)
+
+
+def with_sampling(request: pb.GenerateRequest, args: argparse.Namespace) -> pb.GenerateRequest:
+    request.max_tokens = args.max_tokens
+    if args.temperature is not None:
+        request.temperature = args.temperature
+    if args.seed is not None:
+        request.seed = args.seed
+    return request
+
+
+def stream(
+    s: Session, request: pb.GenerateRequest, on_text: Callable[[str], None]
+) -> pb.GenerateStats:
+    """Run one generation, passing each piece of text on; Ctrl-C cancels it.
+
+    The returned timings are the ones seen here, at the client: time to first
+    token from the request being sent (a model load excluded), and tokens per
+    second from the first piece of text to the end.
+    """
+    progress = render.Progress("Loading model")
+    started = time.perf_counter()
+    first = 0.0
+    call = s.stub.Generate(request)
+    try:
+        for event in call:
+            kind = event.WhichOneof("event")
+            if kind == "text":
+                if not first:
+                    first = time.perf_counter()
+                    progress.clear()
+                on_text(event.text)
+            elif kind == "loading":
+                progress.update(event.loading.fraction, event.loading.stage)
+                started = time.perf_counter()
+            elif kind == "done":
+                return client_timings(event.done, started, first, time.perf_counter())
+    except KeyboardInterrupt:
+        call.cancel()  # type: ignore[no-untyped-call]
+        raise
+    finally:
+        progress.clear()
+    raise CommandFailed("the answer ended before it was complete")
+
+
+def client_timings(
+    stats: pb.GenerateStats, started: float, first: float, ended: float
+) -> pb.GenerateStats:
+    if first:
+        stats.time_to_first_token_ms = (first - started) * 1000
+        if stats.completion_tokens > 1 and ended > first:
+            stats.decode_tokens_per_second = (stats.completion_tokens - 1) / (ended - first)
+    stats.total_seconds = ended - started
+    return stats
+
+
+def cmd_prompt(s: Session, args: argparse.Namespace) -> None:
+    text = sys.stdin.read() if args.text == "-" else args.text
+    if not text.strip():
+        raise CommandFailed("the prompt is empty: give some text, or - to read it from stdin")
+    if args.raw:
+        request = pb.GenerateRequest(prompt=text, raw=True)
+    else:
+        request = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content=text)])
+    pieces: list[str] = []
+
+    def show(piece: str) -> None:
+        pieces.append(piece)
+        if not s.json:
+            s.out.write(piece)
+            s.out.flush()
+
+    stats = stream(s, with_sampling(request, args), show)
+    if s.json:
+        render.print_json({"text": "".join(pieces), **render.stats_dict(stats)}, s.out)
+    else:
+        s.out.write("\n")
+        print(render.stats_text(stats), file=s.err)
+
+
+def cmd_chat(s: Session, args: argparse.Namespace) -> None:
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(
+            "Chatting with hsmdifd. Type exit or press Ctrl-D to leave; Ctrl-C stops an answer.",
+            file=s.err,
+        )
+    history: list[pb.ChatMessage] = []
+    pieces: list[str] = []
+
+    def show(piece: str) -> None:
+        pieces.append(piece)
+        s.out.write(piece)
+        s.out.flush()
+
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            s.out.write("\n")
+            continue
+        text = line.strip()
+        if text in ("exit", "quit"):
+            break
+        if not text:
+            continue
+        history.append(pb.ChatMessage(role="user", content=text))
+        pieces.clear()
+        request = with_sampling(pb.GenerateRequest(messages=history), args)
+        try:
+            stats = stream(s, request, show)
+            s.out.write("\n")
+            print(render.stats_text(stats), file=s.err)
+        except KeyboardInterrupt:
+            s.out.write("\n")
+            print("[answer stopped]", file=s.err)
+        except grpc.RpcError as e:
+            history.pop()
+            s.out.write("\n")
+            print(f"hsmdifctl: {e.details()}", file=s.err)
+            continue
+        history.append(pb.ChatMessage(role="assistant", content="".join(pieces)))
+
+
+COMMANDS: dict[str, Callable[[Session, argparse.Namespace], None]] = {
+    "status": cmd_status,
+    "devices": cmd_devices,
+    "load": cmd_load,
+    "unload": cmd_unload,
+    "prompt": cmd_prompt,
+    "chat": cmd_chat,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    path: Path = socket_path(args.socket)
+    try:
+        channel, stub = connect(path)
+    except Unreachable as e:
+        print(f"hsmdifctl: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    try:
+        with channel:
+            COMMANDS[args.command](Session(stub=stub, json=bool(args.json)), args)
+    except CommandFailed as e:
+        print(f"hsmdifctl: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("\nhsmdifctl: interrupted", file=sys.stderr)
+        return 130
+    except grpc.RpcError as e:
+        return report_rpc_error(e, path)
+    return EXIT_OK
+
+
+def report_rpc_error(error: grpc.RpcError, path: Path) -> int:
+    code = error.code()
+    details = error.details()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        try:
+            probe(path)
+        except Unreachable:
+            print(
+                f"hsmdifctl: hsmdifd stopped during the request ({path} is gone)", file=sys.stderr
+            )
+            return EXIT_UNREACHABLE
+    if code == grpc.StatusCode.CANCELLED and not details:
+        details = "the request was cancelled (hsmdifd is stopping?)"
+    print(f"hsmdifctl: {details or code.name}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

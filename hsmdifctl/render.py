@@ -1,0 +1,165 @@
+"""Rendering, separate from transport: every reply as text for people or as JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, TextIO
+
+from hsmdifd.proto import hsmdif_pb2 as pb
+
+MIB = 1024 * 1024
+STATE_NAMES = {pb.IDLE: "idle", pb.LOADING: "loading", pb.READY: "ready", pb.FAILED: "failed"}
+
+
+def print_json(value: Any, out: TextIO = sys.stdout) -> None:
+    json.dump(value, out, indent=2)
+    out.write("\n")
+
+
+def model_dict(model: pb.ModelInfo) -> dict[str, Any] | None:
+    if model.state in (pb.IDLE, pb.MODEL_STATE_UNSPECIFIED):
+        return None
+    return {
+        "path": model.path,
+        "name": model.name,
+        "state": STATE_NAMES.get(model.state, "unknown"),
+        "size_bytes": model.size_bytes,
+        "context_length": model.context_length,
+        "threads": model.threads,
+        "architecture": model.architecture,
+        "n_layer": model.n_layer,
+        "estimated_bytes": model.estimated_bytes,
+        "load_seconds": round(model.load_seconds, 3),
+        "error": model.error or None,
+    }
+
+
+def status_dict(reply: pb.StatusReply) -> dict[str, Any]:
+    return {
+        "id": reply.node_id,
+        "name": reply.name,
+        "role": reply.role,
+        "root": reply.root_name,
+        "address": reply.address,
+        "version": reply.version,
+        "uptime_seconds": round(reply.uptime_seconds, 1),
+        "model": model_dict(reply.model),
+    }
+
+
+def status_text(reply: pb.StatusReply) -> str:
+    lines = [
+        f"node:    {reply.name} ({reply.node_id})",
+        f"role:    {reply.role}",
+        f"root:    {reply.root_name}",
+        f"address: {reply.address}",
+    ]
+    model = model_dict(reply.model)
+    if model is None:
+        lines.append("model:   none loaded (hsmdifctl load [MODEL])")
+    else:
+        lines.append(f"model:   {model['name']} [{model['state']}]")
+        lines.append(f"  path:    {model['path']}")
+        lines.append(f"  size:    {model['size_bytes'] / MIB:.0f} MiB")
+        lines.append(f"  context: {model['context_length']} tokens, {model['threads']} threads")
+        if model["error"]:
+            lines.append(f"  error:   {model['error']}")
+    return "\n".join(lines)
+
+
+def device_dict(d: pb.DeviceProfile) -> dict[str, Any]:
+    return {
+        "name": d.name,
+        "address": d.address,
+        "id": d.id,
+        "role": d.role,
+        "state": d.state,
+        "memory_total_mb": d.memory_total_bytes // MIB,
+        "memory_free_mb": d.memory_usable_bytes // MIB,
+        "memory_limit_mb": d.memory_limit_bytes // MIB or None,
+        "speed": round(d.speed, 2),
+        "load": round(d.load, 3),
+        "threads": d.threads,
+        "figures": "declared" if d.declared else "measured",
+    }
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*r).rstrip() for r in [header, *rows])
+
+
+def devices_text(devices: list[pb.DeviceProfile]) -> str:
+    header = ["NAME", "ADDRESS", "ROLE", "STATE", "TOTAL", "FREE", "SPEED", "LOAD", "FIGURES"]
+    rows = []
+    for d in map(device_dict, devices):
+        rows.append(
+            [
+                d["name"],
+                d["address"],
+                d["role"],
+                d["state"],
+                f"{d['memory_total_mb']} MiB",
+                f"{d['memory_free_mb']} MiB",
+                f"{d['speed']:.1f}",
+                f"{d['load'] * 100:.0f}%",
+                d["figures"],
+            ]
+        )
+    return table(rows, header)
+
+
+def loaded_text(model: pb.ModelInfo) -> str:
+    return (
+        f"Loaded {model.name or model.path} ({model.size_bytes / MIB:.0f} MiB, context "
+        f"{model.context_length} tokens, {model.threads} threads) in {model.load_seconds:.2f} s"
+    )
+
+
+def stats_dict(stats: pb.GenerateStats) -> dict[str, Any]:
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.completion_tokens,
+        "time_to_first_token_ms": round(stats.time_to_first_token_ms, 2),
+        "tokens_per_second": round(stats.decode_tokens_per_second, 2),
+        "finish_reason": stats.finish_reason,
+        "total_seconds": round(stats.total_seconds, 3),
+    }
+
+
+def stats_text(stats: pb.GenerateStats) -> str:
+    return (
+        f"Generated {stats.completion_tokens} tokens (prompt {stats.prompt_tokens} tokens). "
+        f"Inference speed: {stats.decode_tokens_per_second:.1f} tokens/second "
+        f"(first token after {stats.time_to_first_token_ms:.0f} ms)"
+    )
+
+
+class Progress:
+    """A one-line progress display on stderr, drawn only on a terminal."""
+
+    def __init__(self, label: str, out: TextIO = sys.stderr) -> None:
+        self._label = label
+        self._out = out
+        self._shown = False
+        self._last = -1
+
+    def update(self, fraction: float, stage: str = "") -> None:
+        if not self._out.isatty():
+            return
+        percent = int(fraction * 100)
+        if percent == self._last:
+            return
+        self._last = percent
+        bar = "#" * (percent // 5)
+        self._out.write(f"\r{self._label} [{bar:<20}] {percent:3d}% {stage:<10}")
+        self._out.flush()
+        self._shown = True
+
+    def clear(self) -> None:
+        if self._shown:
+            self._out.write("\r\033[K")
+            self._out.flush()
+            self._shown = False

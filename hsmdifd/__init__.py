@@ -1,0 +1,3 @@
+"""hsmdifd: the HSM-DIF daemon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from hsmdifd.cli import main
+
+sys.exit(main())

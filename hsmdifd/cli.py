@@ -1,0 +1,68 @@
+"""`hsmdifd`: the daemon's command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from hsmdifd import __version__
+from hsmdifd.config import Config, ConfigError, load_config, with_overrides
+from hsmdifd.notify import setup_logging
+
+log = logging.getLogger("hsmdifd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hsmdifd",
+        description="Run a GGUF language model across the devices you own.",
+    )
+    p.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
+    p.add_argument("--socket", metavar="PATH", help="control socket path")
+    p.add_argument("--state-dir", metavar="DIR", help="state directory")
+    p.add_argument("--port", type=int, metavar="N", help="peer TCP port (default 9999)")
+    p.add_argument("--name", help="this device's name (default: the host name)")
+    p.add_argument("--no-mdns", action="store_true", help="do not use mDNS")
+    p.add_argument(
+        "--check-config", action="store_true", help="validate the configuration and exit"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"hsmdifd {__version__}")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, object]]:
+    overrides: dict[str, object] = {
+        "control_socket": args.socket,
+        "state_dir": args.state_dir,
+        "network_port": args.port,
+        "node_name": args.name,
+        "network_mdns": False if args.no_mdns else None,
+    }
+    config = with_overrides(load_config(args.config), **overrides)
+    if not 0 < config.network.port < 65536:
+        raise ConfigError(f"--port {config.network.port}: give a port between 1 and 65535")
+    return config, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config, overrides = resolve_config(args)
+    except ConfigError as e:
+        print(f"hsmdifd: {e}", file=sys.stderr)
+        return 2 if args.check_config else 1
+    if args.check_config:
+        print(f"{args.config or 'the built-in defaults'}: configuration is valid")
+        return 0
+    setup_logging(args.verbose)
+    from hsmdifd.server import serve
+
+    return asyncio.run(serve(config, args.config, overrides))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""The daemon's configuration: a frozen dataclass tree loaded from TOML.
+
+Every default is written once, here; `etc/hsmdifd.toml` documents the same keys.
+An unknown key or a value of the wrong type is a `ConfigError` naming the key
+and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+
+from hsmdifd import timing
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_PORT = 9999
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the key and the file."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str = ""
+    """Name shown to people; empty means the host name."""
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    listen_address: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    advertise_address: str = ""
+    mdns: bool = True
+    peers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    socket: str = ""
+    """Control socket path; empty means the default for this user."""
+    group: str = "hsmdif"
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    dir: str = ""
+    """State directory; empty means the default for this user."""
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    threads: int = 0
+    """llama.cpp threads; 0 means one per physical core."""
+    memory_reserve_mb: int = 512
+    memory_override_mb: int = 0
+    speed_override: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    default: str = ""
+    """Model loaded when none is named; empty means the bundled Gemma 3 270M."""
+    context_length: int = 4096
+    max_tokens: int = 512
+    keep_alive: float = 0.0
+    """Seconds an idle model stays loaded; 0 keeps it loaded until unloaded."""
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    heartbeat_interval: float = timing.HEARTBEAT_INTERVAL
+    dead_after: float = timing.DEAD_AFTER
+    mdns_ttl: int = timing.MDNS_TTL
+    shutdown_grace: float = timing.SHUTDOWN_GRACE
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig = field(default_factory=NodeConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    timing: TimingConfig = field(default_factory=TimingConfig)
+
+    # Derived values, resolved against the environment.
+
+    @property
+    def node_name(self) -> str:
+        return self.node.name or socket.gethostname()
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.control.socket) if self.control.socket else default_socket_path()
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.state.dir) if self.state.dir else default_state_dir()
+
+    @property
+    def threads(self) -> int:
+        return self.resources.threads or physical_cores()
+
+
+def default_socket_path() -> Path:
+    """`/run/hsmdifd/control.sock` for root, `$XDG_RUNTIME_DIR/hsmdifd/control.sock` otherwise."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if os.geteuid() == 0 or not runtime:
+        return Path("/run/hsmdifd/control.sock")
+    return Path(runtime) / "hsmdifd" / "control.sock"
+
+
+def default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/hsmdifd")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "hsmdifd"
+
+
+def physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+_T = TypeVar("_T")
+
+
+def load_config(path: Path | None) -> Config:
+    """Load `path` (all defaults when None); raise ConfigError on any problem."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    config = _build(Config, data, str(path), "")
+    _validate(config, str(path))
+    return config
+
+
+def _build(cls: type[_T], data: Mapping[str, Any], file: str, prefix: str) -> _T:
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            where = f"[{prefix[:-1]}]" if prefix else "the top level"
+            raise ConfigError(f"{file}: unknown key '{name}' (known keys in {where}: {known})")
+        kwargs[key] = _convert(hints[key], value, file, name)
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, file: str, name: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{file}: '{name}' must be a table ([{name}]), not {_kind(value)}")
+        return _build(hint, value, file, f"{name}.")  # type: ignore[arg-type]
+    origin = get_origin(hint)
+    if origin is tuple:
+        (item,) = get_args(hint)[:1]
+        if not isinstance(value, list):
+            raise ConfigError(f"{file}: '{name}' must be a list, not {_kind(value)}")
+        return tuple(_convert(item, v, file, f"{name}[{i}]") for i, v in enumerate(value))
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
+    if not ok:
+        raise ConfigError(
+            f"{file}: '{name}' must be {_kind_of_type(hint)}, not {_kind(value)} ({value!r})"
+        )
+    return float(value) if hint is float else value
+
+
+def _kind_of_type(hint: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        hint, str(hint)
+    )
+
+
+def _kind(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    names.update({list: "a list", dict: "a table"})
+    return names.get(type(value), type(value).__name__)
+
+
+def _validate(config: Config, file: str) -> None:
+    checks: list[tuple[bool, str]] = [
+        (0 < config.network.port < 65536, "'network.port' must be between 1 and 65535"),
+        (config.resources.threads >= 0, "'resources.threads' must be 0 (automatic) or more"),
+        (config.resources.memory_reserve_mb >= 0, "'resources.memory_reserve_mb' must be >= 0"),
+        (config.resources.memory_override_mb >= 0, "'resources.memory_override_mb' must be >= 0"),
+        (config.resources.speed_override >= 0, "'resources.speed_override' must be >= 0"),
+        (config.model.context_length >= 16, "'model.context_length' must be at least 16"),
+        (config.model.max_tokens > 0, "'model.max_tokens' must be at least 1"),
+        (config.model.keep_alive >= 0, "'model.keep_alive' must be >= 0 (0 keeps models loaded)"),
+        (config.timing.heartbeat_interval > 0, "'timing.heartbeat_interval' must be > 0"),
+        (
+            config.timing.dead_after > config.timing.heartbeat_interval,
+            "'timing.dead_after' must be longer than 'timing.heartbeat_interval'",
+        ),
+        (config.timing.mdns_ttl > 0, "'timing.mdns_ttl' must be > 0"),
+        (config.timing.shutdown_grace >= 0, "'timing.shutdown_grace' must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{file}: {message}")
+
+
+def with_overrides(config: Config, **overrides: Any) -> Config:
+    """Apply command-line overrides given as `section_key=value` (None = not given)."""
+    sections: dict[str, dict[str, Any]] = {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, key = dotted.split("_", 1)
+        sections.setdefault(section, {})[key] = value
+    for section, values in sections.items():
+        config = dataclasses.replace(
+            config, **{section: dataclasses.replace(getattr(config, section), **values)}
+        )
+    return config

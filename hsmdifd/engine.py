@@ -1,0 +1,231 @@
+"""The engine supervisor: runs the engine child and tracks its state.
+
+States: IDLE (no child), LOADING, READY, FAILED (the last load failed or the
+child died; `error` says why). The child owns the model; unloading ends the
+child, which returns every byte to the OS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import psutil
+
+from hsmdifd import timing
+from hsmdifd.errors import RequestError
+from hsmdifd.gguf_model import ModelShape
+from hsmdifd.proto import hsmdif_pb2 as pb
+from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What to load: a checked model and how to run it."""
+
+    shape: ModelShape
+    context_length: int
+    threads: int
+    estimated_bytes: int
+
+
+class _Child:
+    """One running engine process and the channel to it."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, socket_path: Path) -> None:
+        self.proc = proc
+        self.socket_path = socket_path
+        self.channel = grpc.aio.insecure_channel(f"unix:{socket_path}")
+        self.stub = pb_grpc.EngineStub(self.channel)
+
+    @classmethod
+    async def start(cls, socket_path: Path) -> _Child:
+        socket_path.unlink(missing_ok=True)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "hsmdifd.engine_child",
+            "--socket",
+            str(socket_path),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        child = cls(proc, socket_path)
+        assert proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), timing.ENGINE_START_TIMEOUT)
+        except TimeoutError:
+            line = b""
+        if line.strip() != b"ready":
+            await child.stop()
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the engine process did not start ({describe_exit(proc.returncode)}); "
+                "see the daemon's log",
+            )
+        return child
+
+    def rss(self) -> int:
+        try:
+            return int(psutil.Process(self.proc.pid).memory_info().rss)
+        except psutil.Error:
+            return 0
+
+    async def stop(self) -> None:
+        await self.channel.close(None)
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), timing.CHILD_STOP_TIMEOUT)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                await self.proc.wait()
+        self.socket_path.unlink(missing_ok=True)
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}"
+    return f"exit status {returncode}"
+
+
+class Engine:
+    """Supervises at most one engine child; every public method is loop-safe."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self._socket_path = socket_path
+        self._child: _Child | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._info = pb.ModelInfo(state=pb.IDLE)
+        self.spec: LoadSpec | None = None
+        self.last_spec: LoadSpec | None = None
+
+    @property
+    def info(self) -> pb.ModelInfo:
+        return self._info
+
+    @property
+    def state(self) -> pb.ModelState.ValueType:
+        return self._info.state
+
+    def footprint(self) -> int:
+        """Resident bytes of the loaded model's process (0 when none)."""
+        return self._child.rss() if self._child else 0
+
+    async def load(self, spec: LoadSpec) -> AsyncIterator[pb.LoadEvent]:
+        """Replace whatever is loaded by `spec`, yielding progress, then the model."""
+        await self.unload()
+        shape = spec.shape
+        self._info = pb.ModelInfo(
+            state=pb.LOADING,
+            path=shape.path,
+            name=shape.name,
+            size_bytes=shape.size_bytes,
+            context_length=spec.context_length,
+            threads=spec.threads,
+            architecture=shape.architecture,
+            n_layer=shape.n_layer,
+            estimated_bytes=spec.estimated_bytes,
+        )
+        self.last_spec = spec
+        try:
+            self._child = await _Child.start(self._socket_path)
+            request = pb.EngineLoadRequest(
+                model_path=shape.path, context_length=spec.context_length, threads=spec.threads
+            )
+            async for event in self._child.stub.Load(request):
+                if event.HasField("loaded"):
+                    self._info.MergeFrom(event.loaded)
+                    self._info.state = pb.READY
+                    self.spec = spec
+                    self._watch = asyncio.create_task(self._watch_child(self._child))
+                    yield pb.LoadEvent(loaded=self._info)
+                else:
+                    yield event
+        except (asyncio.CancelledError, GeneratorExit):
+            await self._stop_child()
+            self._info = pb.ModelInfo(state=pb.IDLE)
+            raise
+        except Exception as e:
+            error = await self._failed_child_error(e, "loading")
+            await self._stop_child()
+            self._info.state = pb.FAILED
+            self._info.error = str(error)
+            if error is e:
+                raise
+            raise error from e
+
+    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
+        child = self._child
+        if child is None or self.state != pb.READY:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, "no model is loaded")
+        try:
+            async for event in child.stub.Generate(request):
+                yield event
+        except grpc.aio.AioRpcError as e:
+            raise await self._failed_child_error(e, "generating") from e
+
+    async def _failed_child_error(self, error: BaseException, doing: str) -> BaseException:
+        """Turn an error from the child's channel into a sentence for the user."""
+        if not isinstance(error, grpc.aio.AioRpcError):
+            return error
+        child = self._child
+        if child is not None and error.code() == grpc.StatusCode.UNAVAILABLE:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(child.proc.wait(), 2.0)
+            if child.proc.returncode is not None:
+                return RequestError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the engine process died while {doing} "
+                    f"({describe_exit(child.proc.returncode)}); the model is no longer "
+                    "loaded: the next prompt loads it again",
+                )
+        return RequestError(error.code(), error.details() or str(error.code()))
+
+    async def _watch_child(self, child: _Child) -> None:
+        returncode = await child.proc.wait()
+        if self._child is child:
+            reason = describe_exit(returncode)
+            log.error(
+                "the engine process died (%s); %s is no longer loaded", reason, self._info.path
+            )
+            self._info.state = pb.FAILED
+            self._info.error = f"the engine process died ({reason})"
+            self.spec = None
+            await self._stop_child()
+
+    async def _stop_child(self) -> None:
+        child, self._child = self._child, None
+        watch, self._watch = self._watch, None
+        if watch is not None and watch is not asyncio.current_task():
+            watch.cancel()
+        if child is not None:
+            await child.stop()
+
+    async def unload(self) -> bool:
+        """End the child; True when a model was loaded."""
+        was_loaded = self.state == pb.READY
+        await self._stop_child()
+        self.spec = None
+        self._info = pb.ModelInfo(state=pb.IDLE)
+        return was_loaded
+
+    @staticmethod
+    def child_socket(runtime_dir: Path) -> Path:
+        return runtime_dir / f"engine-{os.getpid()}.sock"

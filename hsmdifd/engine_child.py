@@ -1,0 +1,253 @@
+"""The engine child process: owns the `llama_cpp.Llama` and serves the Engine service.
+
+Started by the daemon as `python -m hsmdifd.engine_child --socket PATH`; it
+listens on a private Unix socket and exits when its parent closes its stdin
+(so it never outlives a daemon that was killed). Nothing here runs on the
+daemon's event loop: llama.cpp aborts the whole process on some faults, and
+only this process goes down then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import ctypes
+import logging
+import os
+import queue
+import random
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from hsmdifd.proto import hsmdif_pb2 as pb
+from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
+
+log = logging.getLogger("hsmdifd.engine")
+
+# Chat templates for models whose GGUF carries none, by architecture prefix.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% set role = 'model' if m['role'] == 'assistant' else 'user' %}"
+    "<start_of_turn>{{ role }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+BUILTIN_TEMPLATES = {"gemma": GEMMA_TEMPLATE}
+# Plain turns, for anything else.
+FALLBACK_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def chat_template(metadata: dict[str, str]) -> str:
+    """The model's own template, else a built-in one for its architecture."""
+    if template := metadata.get("tokenizer.chat_template"):
+        return template
+    architecture = metadata.get("general.architecture", "")
+    for prefix, template in BUILTIN_TEMPLATES.items():
+        if architecture.startswith(prefix):
+            return template
+    return FALLBACK_TEMPLATE
+
+
+@dataclass
+class _Loaded:
+    llm: Any  # llama_cpp.Llama
+    formatter: Any  # llama_cpp.llama_chat_format.Jinja2ChatFormatter
+    n_ctx: int
+
+
+def _load(request: pb.EngineLoadRequest, progress: queue.Queue[float]) -> _Loaded:
+    import llama_cpp
+    from llama_cpp import llama_chat_format
+
+    callback_type = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_float, ctypes.c_void_p)
+
+    def report(fraction: float, _data: object) -> bool:
+        progress.put(float(fraction))
+        return True  # go on loading
+
+    callback = callback_type(report)
+    default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params_with_progress() -> Any:
+        params = default_params()
+        params.progress_callback = callback
+        return params
+
+    # Llama() builds its model parameters from this function and offers no other
+    # way to pass a progress callback.
+    llama_cpp.llama_cpp.llama_model_default_params = params_with_progress
+    try:
+        llm = llama_cpp.Llama(
+            model_path=request.model_path,
+            n_ctx=request.context_length,
+            n_threads=request.threads,
+            n_threads_batch=request.threads,
+            n_batch=request.batch_size or 512,
+            verbose=False,
+        )
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = default_params
+    eos, bos = llm.token_eos(), llm.token_bos()
+    formatter = llama_chat_format.Jinja2ChatFormatter(
+        template=chat_template(llm.metadata),
+        eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
+        bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+        stop_token_ids=[eos],
+    )
+    return _Loaded(llm=llm, formatter=formatter, n_ctx=llm.n_ctx())
+
+
+class EngineServicer(pb_grpc.EngineServicer):
+    def __init__(self) -> None:
+        self._loaded: _Loaded | None = None
+        self._lock = threading.Lock()
+
+    def Load(
+        self, request: pb.EngineLoadRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.LoadEvent]:
+        if self._loaded is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a model is already loaded")
+        progress: queue.Queue[float] = queue.Queue()
+        result: list[_Loaded | BaseException] = []
+
+        def run() -> None:
+            try:
+                result.append(_load(request, progress))
+            except BaseException as e:
+                result.append(e)
+            progress.put(-1.0)
+
+        started = time.monotonic()
+        threading.Thread(target=run, name="load", daemon=True).start()
+        while (fraction := progress.get()) >= 0:
+            yield pb.LoadEvent(progress=pb.LoadProgress(fraction=fraction, stage="weights"))
+        outcome = result[0]
+        if isinstance(outcome, BaseException):
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"llama.cpp could not load {request.model_path}: {outcome}",
+            )
+        self._loaded = outcome
+        yield pb.LoadEvent(
+            loaded=pb.ModelInfo(
+                state=pb.READY,
+                path=request.model_path,
+                context_length=outcome.n_ctx,
+                threads=request.threads,
+                load_seconds=time.monotonic() - started,
+            )
+        )
+
+    def Generate(
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateEvent]:
+        received = time.monotonic()
+        loaded = self._loaded
+        if loaded is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no model is loaded")
+        with self._lock:
+            yield from _generate(loaded, request, context, received)
+
+
+def _prompt_tokens(loaded: _Loaded, request: pb.GenerateRequest) -> list[int]:
+    llm = loaded.llm
+    if request.raw:
+        return list(llm.tokenize(request.prompt.encode(), add_bos=True, special=False))
+    messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    formatted = loaded.formatter(messages=messages)
+    return list(llm.tokenize(formatted.prompt.encode(), add_bos=False, special=True))
+
+
+def _generate(
+    loaded: _Loaded,
+    request: pb.GenerateRequest,
+    context: grpc.ServicerContext,
+    received: float,
+) -> Iterator[pb.GenerateEvent]:
+    import llama_cpp
+
+    llm = loaded.llm
+    tokens = _prompt_tokens(loaded, request)
+    room = loaded.n_ctx - len(tokens)
+    if room < 1:
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the prompt is {len(tokens)} tokens but the model is loaded with a context of "
+            f"{loaded.n_ctx}; shorten the prompt or load the model with a larger --max-seq-len",
+        )
+    max_tokens = min(request.max_tokens, room)
+    temperature = request.temperature if request.HasField("temperature") else 0.8
+    llm.set_seed(request.seed if request.HasField("seed") else random.getrandbits(32))
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    vocab = llm._model.vocab
+    produced = 0
+    first_at = 0.0
+    finish = "length"
+    strip_leading = not request.raw
+    for token in llm.generate(tokens, temp=temperature, top_k=40, top_p=0.95, min_p=0.05):
+        if llama_cpp.llama_vocab_is_eog(vocab, token):
+            finish = "stop"
+            break
+        produced += 1
+        text = decoder.decode(llm.detokenize([token]))
+        if strip_leading and text:
+            text = text.lstrip()
+            strip_leading = not text
+        if produced == 1:
+            first_at = time.monotonic()
+        if text:
+            yield pb.GenerateEvent(text=text)
+        if produced >= max_tokens:
+            break
+        if not context.is_active():
+            return
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield pb.GenerateEvent(text=tail)
+    done = time.monotonic()
+    decode_seconds = done - first_at if produced > 1 else 0.0
+    yield pb.GenerateEvent(
+        done=pb.GenerateStats(
+            prompt_tokens=len(tokens),
+            completion_tokens=produced,
+            time_to_first_token_ms=(first_at - received) * 1000 if produced else 0.0,
+            decode_tokens_per_second=(produced - 1) / decode_seconds if decode_seconds else 0.0,
+            finish_reason=finish,
+            total_seconds=done - received,
+        )
+    )
+
+
+def _exit_when_parent_goes() -> None:
+    """Exit as soon as stdin (a pipe from the daemon) closes."""
+    try:
+        while sys.stdin.buffer.read(4096):
+            pass
+    finally:
+        os._exit(0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="hsmdifd.engine_child")
+    parser.add_argument("--socket", required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="engine %(levelname)s %(message)s")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_EngineServicer_to_server(EngineServicer(), server)
+    server.add_insecure_port(f"unix:{args.socket}")
+    server.start()
+    print("ready", flush=True)
+    _exit_when_parent_goes()
+
+
+if __name__ == "__main__":
+    main()

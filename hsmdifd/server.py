@@ -1,0 +1,246 @@
+"""The daemon's lifecycle: startup(), main_loop(), shutdown(), on one asyncio loop.
+
+Signal handlers only set events: SIGTERM/SIGINT ask for a graceful shutdown and
+a second one makes it immediate; SIGHUP reloads the configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import grpc
+
+from hsmdifd import notify, profile
+from hsmdifd.config import Config, ConfigError, load_config, with_overrides
+from hsmdifd.control_service import ControlService
+from hsmdifd.engine import Engine
+from hsmdifd.models import Models
+from hsmdifd.node import Identity, load_identity
+from hsmdifd.proto import hsmdif_pb2 as pb
+from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+def claim_socket(path: Path) -> None:
+    """Make `path` free for a new server: replace a stale socket, refuse a live one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_socket():
+        raise StartupError(
+            f"{path} exists and is not a socket; remove it or choose another --socket"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        log.info("replacing the stale socket %s", path)
+        path.unlink()
+        return
+    except OSError as e:
+        raise StartupError(f"cannot check the existing socket {path}: {e.strerror}") from None
+    finally:
+        probe.close()
+    raise StartupError(
+        f"another hsmdifd is already running on {path}; stop it first "
+        "(systemctl stop hsmdifd) or give this one another --socket"
+    )
+
+
+def _share_socket(path: Path, group: str) -> None:
+    """Mode 0660, and the configured group where that group exists."""
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        gid = -1
+    if gid != -1:
+        try:
+            os.chown(path, -1, gid)
+        except PermissionError:
+            log.warning("cannot give %s to group %s: not a member", path, group)
+    os.chmod(path, 0o660)
+
+
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: Path | None, overrides: dict[str, object]):
+        self.config = config
+        self._config_path = config_path
+        self._overrides = overrides
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._server: grpc.aio.Server | None = None
+        self._models: Models | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.identity: Identity | None = None
+        self._owns_socket = False
+
+    # ---- device figures -------------------------------------------------------------
+
+    def _memory(self) -> profile.MemoryFigures:
+        res = self.config.resources
+        override = res.memory_override_mb * MIB if res.memory_override_mb else None
+        return profile.memory_figures(res.memory_reserve_mb * MIB, override)
+
+    def device_profile(self, refresh_speed: bool = False) -> pb.DeviceProfile:
+        """This device's figures (blocking: the speed benchmark may run)."""
+        assert self.identity is not None
+        memory = self._memory()
+        res = self.config.resources
+        speed = res.speed_override or profile.cached_speed(
+            self.config.state_dir, refresh=refresh_speed
+        )
+        return pb.DeviceProfile(
+            id=self.identity.node_id,
+            name=self.identity.name,
+            address=self.identity.address,
+            memory_total_bytes=memory.total_bytes,
+            memory_usable_bytes=memory.usable_bytes,
+            memory_limit_bytes=memory.limit_bytes,
+            speed=speed,
+            load=profile.cpu_load(),
+            threads=self.config.threads,
+            role="root",
+            state="alive",
+            declared=memory.declared or bool(res.speed_override),
+        )
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        config = self.config
+        try:
+            config.state_dir.mkdir(parents=True, exist_ok=True)
+            self.identity = load_identity(config)
+        except (OSError, ValueError) as e:
+            raise StartupError(f"cannot use the state directory {config.state_dir}: {e}") from e
+        path = config.socket_path
+        try:
+            claim_socket(path)
+        except PermissionError as e:
+            raise StartupError(f"cannot create the control socket {path}: {e.strerror}") from e
+        engine = Engine(Engine.child_socket(path.parent))
+        self._models = Models(config, engine, lambda: self._memory().usable_bytes)
+        server = grpc.aio.server()
+        pb_grpc.add_ControlServicer_to_server(
+            ControlService(self.identity, self._models, self.device_profile), server
+        )
+        if server.add_insecure_port(f"unix:{path}") == 0:
+            raise StartupError(f"cannot listen on {path}")
+        await server.start()
+        self._server = server
+        self._owns_socket = True
+        _share_socket(path, config.control.group)
+        if not _accepts(path):
+            raise StartupError(f"the control socket {path} does not accept connections")
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.handle_exit)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        interval = notify.watchdog_interval()
+        if interval:
+            self._tasks.append(asyncio.create_task(notify.watchdog_loop(interval)))
+        self._tasks.append(asyncio.create_task(self._measure_once()))
+        log.info("hsmdifd %s (%s) ready on %s", self.identity.name, self.identity.node_id, path)
+        notify.notify("READY=1")
+
+    async def _measure_once(self) -> None:
+        """Measure (or read the cached) speed figure once, off the loop."""
+        try:
+            await asyncio.to_thread(self.device_profile)
+        except Exception:
+            log.exception("measuring this device failed")
+
+    def handle_exit(self) -> None:
+        if self._stop.is_set():
+            log.warning("second stop signal: stopping now")
+            self._force.set()
+        self._stop.set()
+
+    async def main_loop(self) -> None:
+        while not self._stop.is_set():
+            stop = asyncio.create_task(self._stop.wait())
+            reload = asyncio.create_task(self._reload.wait())
+            await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            reload.cancel()
+            if self._reload.is_set() and not self._stop.is_set():
+                self._reload.clear()
+                self.reload_config()
+
+    def reload_config(self) -> None:
+        notify.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            new = with_overrides(load_config(self._config_path), **self._overrides)
+        except ConfigError as e:
+            log.error("configuration not reloaded, the old one stays: %s", e)
+        else:
+            for key in ("control", "state", "network"):
+                if getattr(new, key) != getattr(self.config, key):
+                    log.warning("[%s] changed: takes effect when hsmdifd restarts", key)
+            self.config = new
+            if self._models is not None:
+                self._models.reconfigure(new)
+            log.info("configuration reloaded from %s", self._config_path or "defaults")
+        notify.notify("READY=1")
+
+    async def shutdown(self) -> None:
+        notify.notify("STOPPING=1")
+        log.info("stopping")
+        grace = 0.0 if self._force.is_set() else self.config.timing.shutdown_grace
+        if self._server is not None:
+            stopping = asyncio.create_task(self._server.stop(grace))
+            forced = asyncio.create_task(self._force.wait())
+            await asyncio.wait({stopping, forced}, return_when=asyncio.FIRST_COMPLETED)
+            if not stopping.done():
+                await self._server.stop(0)
+            forced.cancel()
+        if self._models is not None:
+            await self._models.close()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._owns_socket:
+            self.config.socket_path.unlink(missing_ok=True)
+        log.info("stopped")
+
+
+async def serve(config: Config, config_path: Path | None, overrides: dict[str, object]) -> int:
+    daemon = Daemon(config, config_path, overrides)
+    try:
+        await daemon.startup()
+    except StartupError as e:
+        log.error("%s", e)
+        await daemon.shutdown()
+        return 1
+    try:
+        await daemon.main_loop()
+    finally:
+        await daemon.shutdown()
+    return 0

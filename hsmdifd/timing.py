@@ -1,0 +1,22 @@
+"""Every timing constant of the daemon, in one place so tests can shrink them.
+
+The configuration's `[timing]` section takes its defaults from here.
+"""
+
+# Membership (used by the cluster plane).
+HEARTBEAT_INTERVAL = 0.5
+"""Seconds between heartbeats to each peer."""
+DEAD_AFTER = 2.0
+"""Seconds without a heartbeat after which a peer is dead."""
+MDNS_TTL = 120
+"""TTL, in seconds, of the mDNS records this device announces."""
+
+# Lifecycle.
+SHUTDOWN_GRACE = 5.0
+"""Seconds a graceful shutdown waits for in-flight requests before cancelling them."""
+CHILD_STOP_TIMEOUT = 3.0
+"""Seconds a child process gets after SIGTERM before SIGKILL."""
+ENGINE_START_TIMEOUT = 30.0
+"""Seconds the engine child gets to open its socket."""
+WATCHDOG_FRACTION = 0.5
+"""WATCHDOG=1 is sent at this fraction of WATCHDOG_USEC."""
