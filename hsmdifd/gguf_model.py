@@ -1,31 +1,35 @@
 """Read a GGUF model's header into a ModelShape, and estimate what llama.cpp allocates for it.
 
 The header is parsed here rather than with gguf.GGUFReader, which builds numpy objects for
-every vocabulary entry and takes 9.5 s on Gemma 3 270M's 262k tokens; this takes 0.1 s.
-The gguf package still supplies the value types and tensor type sizes.
+every vocabulary entry and takes 9.5 s on Gemma 3 270M's 262k tokens; this takes 25 ms.
+The gguf package still supplies the value types and the tensor type sizes.
 
 The estimate follows llama.cpp as llama-cpp-python 0.3.36 drives it on the CPU with its
 defaults: n_batch = n_ubatch = 512, f16 KV cache, flash attention off (the Llama default),
-full-size SWA cache (swa_full left at llama.cpp's default, true), one sequence.
-Measured on x86-64 (AVX2/AVX-512) with verbose=True; MiB; "logged" is the sum of the
-model, KV, output and compute buffers llama.cpp reports; "RSS" is the growth of the
-process after `import llama_cpp`, loading and evaluating a long prompt:
+one sequence, and a full-size SWA cache: llama-cpp-python leaves swa_full at llama.cpp's
+default, true, so Gemma 3's sliding-window layers get n_ctx cells like the others
+(swa_full=False would give them pad(window + n_ubatch, 256) cells).
 
-    model                       n_ctx  weights    KV  compute  logged  estimate     RSS
-    tiny llama, 2x64 f16          512     0.35  0.12     5.76    6.23     12.38   13.7
-    synthetic 16x1024 f32         2048   550.72    32    79.01  661.73    698.90  697.4
-    same, Q4_0 blocks             2048  79.93+76.50   32  79.01  267.44    308.77  303.2
-    Gemma 3 270M Q4_K_M           2048 235.16+12.66   36  514.50+1  799.32  855.31  423.3
-    Gemma 3 270M Q4_K_M           4096 235.16+12.66   72  514.50+1  835.32  899.31  459.6
+Measured on x86-64 (AVX2, AVX-512), MiB. "logged" sums the model, KV, output and compute
+buffers llama.cpp reports with verbose=True; "RSS" is the growth of the process from
+after `import llama_cpp` to after evaluating a prompt that fills the context:
 
-What surprised: (1) the CPU backend repacks Q4_0 and Q4_K matrices into a second,
-anonymous copy ("CPU_REPACK model buffer"), so a Q4_0 model takes about twice its file
-size; (2) the compute buffer holds logits for all n_ubatch tokens (512 MiB for Gemma's
-262k vocabulary) although llama-cpp-python asks for one row, so most of it stays
-untouched and Gemma's RSS is half of what llama.cpp logs; (3) the CPU backend's work
-buffer, which no log line shows, holds the attention scores again as f16 (32 MiB for the
-synthetic model at n_ctx 2048); (4) the vocabulary tables take about 170 bytes per token
-(44 MiB for Gemma), outside every logged buffer.
+    model                     n_ctx  weights        KV  compute  logged  estimate    RSS
+    tiny llama 2x64 f16         512    0.35        0.12    5.76     6.23     12.37   13.4
+    synthetic 16x1024 f32      2048  358.72       32      79.01   469.73    506.87  505.7
+    same, n_ff 2048            2048  550.72       32      79.01   661.73    698.87  697.8
+    same, Q4_0 blocks          2048   79.93+76.50 32      79.01   267.44    304.57  303.6
+    Gemma 3 270M Q4_K_M        2048  235.16+12.66 36     515.50   799.32    855.32  378.5
+    Gemma 3 270M Q4_K_M        4096  235.16+12.66 72     515.50   835.32    899.32  458.8
+
+What the logs do not show: (1) the CPU backend copies Q4_0 and Q4_K matrices into a
+repacked layout (the "+" above), so a Q4_0 model takes about twice its file size; (2) the
+CPU backend's work buffer holds the attention scores once more as f16 (32 MiB for the
+synthetic models); (3) the vocabulary tables take about 170 bytes per token (44 MiB for
+Gemma). And one thing the logs overstate: the compute buffer is sized for logits of all
+n_ubatch tokens (512 MiB for Gemma's 262k vocabulary) but llama-cpp-python asks for one
+row, so that part stays untouched and Gemma's RSS is half the logged sum. The estimate
+keeps it: it is what llama.cpp reserves, and a batch asking for every row touches it.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ import pytest
 from hsmdifd.gguf_model import (
     ModelFileError,
     ModelNotFoundError,
-    ModelShape,
     estimate_memory,
     read_model_shape,
 )
@@ -113,6 +112,11 @@ def test_missing_file(tmp_path: Path) -> None:
         pytest.param(lambda p, src: write_truncated(src, p, 0.01), "truncated", id="header-cut"),
         pytest.param(lambda p, src: write_truncated(src, p, 0.9), "truncated", id="data-cut"),
         pytest.param(lambda p, _: p.mkdir(), "is a directory", id="directory"),
+        pytest.param(
+            lambda p, src: p.write_bytes(b"GGUF" + bytes([7, 0, 0, 0]) + src.read_bytes()[8:]),
+            "GGUF version 7",
+            id="version",
+        ),
     ],
 )
 def test_unusable_file_is_refused_with_a_sentence(
@@ -229,6 +233,8 @@ def test_gemma_shape(gemma: Path) -> None:
     assert shape.output_bytes == 178_257_920  # tied: the Q8_0 token embedding
     assert shape.weight_bytes == 246_587_904
     assert shape.chat_template is None  # this conversion carries none
+    # Its Q4_K matrices, which llama.cpp copies into its CPU_REPACK buffer (12.66 MiB).
+    assert shape.repack_bytes == 13_271_040
 
 
 @pytest.mark.gemma
@@ -238,15 +244,14 @@ def test_gemma_estimate_holds_the_logits(gemma: Path) -> None:
 
     estimate = estimate_memory(shape, 2048)
     assert estimate.compute >= logits
+    assert estimate.weights == shape.weight_bytes + shape.repack_bytes
+    assert estimate_memory(shape, 2048, repacks=False).weights == shape.weight_bytes
     assert estimate_memory(shape, 2048, n_layers=18, computes_logits=False).compute < logits
 
 
-def _shape_fields_are_plain(shape: ModelShape) -> None:
-    """ModelShape is frozen and hashable: the planner keeps it in plan values."""
-    hash(shape)
-
-
 def test_model_shape_is_a_hashable_value(tiny: Path) -> None:
+    """The planner keeps shapes inside frozen plan values."""
     shape = read_model_shape(tiny)
-    _shape_fields_are_plain(shape)
+
     assert read_model_shape(tiny) == shape
+    assert hash(read_model_shape(tiny)) == hash(shape)
