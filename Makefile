@@ -15,7 +15,7 @@ CACHE_HOME ?= $(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)
 WHEELS := $(CACHE_HOME)/hsmdif/wheels/llama-cpp-python-$(LLAMA_VERSION)-rpc
 APT_PACKAGES := python3-venv python3-dev build-essential cmake pkg-config libsystemd-dev iproute2 systemd
 
-.PHONY: help deps venv demo test check lint types unit proto bench clean
+.PHONY: help deps venv demo test check lint types unit proto bench bench-smoke clean
 
 help:
 	@echo "make demo     set up, start a daemon, answer one prompt with the bundled model"
@@ -91,6 +91,10 @@ proto: venv
 bench: venv
 	$(PY) -m bench.standalone
 
+# Checks that the benchmark runs to the end, not its figures (CI's machine is shared).
+bench-smoke: venv
+	$(PY) -m bench.standalone --quick --results /tmp/hsmdif-bench-smoke.json
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
 
@@ -149,7 +153,8 @@ install: venv
 	  [ $$? != 3 ] || echo "$(INSTALL_WHEEL) was built without RPC: remove it and run make venv again" >&2; \
 	  exit 1; }
 	@if [ -n "$(DESTDIR)" ]; then \
-	  grep -rlI -e '$(DESTDIR)$(INSTALL_VENV)' $(DESTDIR)$(INSTALL_VENV)/bin | \
+	  { grep -rlI -e '$(DESTDIR)$(INSTALL_VENV)' $(DESTDIR)$(INSTALL_VENV)/bin \
+	      $(DESTDIR)$(INSTALL_VENV)/pyvenv.cfg || true; } | \
 	    xargs -r sed -i 's|$(DESTDIR)$(INSTALL_VENV)|$(INSTALL_VENV)|g'; \
 	fi
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/hsmdif
@@ -184,6 +189,7 @@ uninstall:
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ] && [ -e $(UNITDIR)/hsmdifd.service ]; then \
 	  echo "systemctl disable --now hsmdifd.service"; systemctl disable --now hsmdifd.service; fi
 	rm -f $(DESTDIR)$(UNITDIR)/hsmdifd.service $(DESTDIR)$(SYSUSERSDIR)/hsmdif.conf
+	@rmdir $(DESTDIR)$(SYSUSERSDIR) 2>/dev/null || true
 	@for f in $(DESTDIR)$(PREFIX)/bin/hsmdifd $(DESTDIR)$(PREFIX)/bin/hsmdifctl; do \
 	  if [ -L "$$f" ]; then echo "rm -f $$f"; rm -f "$$f"; fi; done
 	@# Only a directory that is a venv, whatever INSTALL_VENV says.

@@ -134,3 +134,18 @@ def test_sysusers_creates_the_user_the_unit_runs_as(tmp_path: Path) -> None:
     assert gids["hsmdif"] == gid
     assert home == "/var/lib/hsmdifd"
     assert shell.endswith("nologin")
+
+
+def test_hardening_leaves_the_daemon_what_it_needs() -> None:
+    service = _service()
+    families = set(" ".join(service["RestrictAddressFamilies"]).split())
+    # gRPC on the Unix socket and TCP, mDNS, and interface discovery through netlink.
+    assert {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"} <= families
+    # Model files may be anywhere readable, home directories included.
+    assert service["ProtectHome"] == ["read-only"]
+    # psutil reads /proc/meminfo, /proc/stat and /proc/cpuinfo.
+    assert "pid" not in service.get("ProcSubset", [])
+    assert "yes" not in service.get("PrivateNetwork", [])
+    # Killing on a refused system call would end `import llama_cpp`: NumPy's OpenBLAS
+    # calls mbind() (in @resources) when it loads.
+    assert service["SystemCallErrorNumber"] == ["EPERM"]
