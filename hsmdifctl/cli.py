@@ -76,6 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_argument(
         "--refresh-speed", action="store_true", help="measure this device's speed again"
     )
+    order = devices.add_mutually_exclusive_group()
+    order.add_argument(
+        "--priority",
+        nargs="+",
+        metavar="DEVICE",
+        help="set the cluster's priority order: names, addresses or node ids, highest first",
+    )
+    order.add_argument(
+        "--prioritize-by-memory",
+        action="store_true",
+        help="order the cluster by total memory (the default policy)",
+    )
+
+    cluster = sub.add_parser("cluster", parents=[common], help="cluster set-up")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
+    init = cluster_sub.add_parser("init", help="write a new cluster secret")
+    init.add_argument("--out", required=True, type=Path, metavar="FILE")
 
     load = sub.add_parser("load", parents=[common], help="load a model (default: the bundled one)")
     load.add_argument("model", nargs="?", default="", metavar="MODEL", help="path to a .gguf file")
@@ -118,6 +135,13 @@ def cmd_status(s: Session, args: argparse.Namespace) -> None:
 
 
 def cmd_devices(s: Session, args: argparse.Namespace) -> None:
+    if args.priority or args.prioritize_by_memory:
+        request = pb.SetPriorityRequest(
+            devices=args.priority or [], by_memory=args.prioritize_by_memory
+        )
+        policy = s.stub.SetPriority(request)
+        if not s.json:
+            print(f"Policy version {policy.version}: {render.policy_text(policy)}", file=s.err)
     reply = s.stub.Devices(pb.DevicesRequest(refresh_speed=args.refresh_speed))
     if s.json:
         render.print_json([render.device_dict(d) for d in reply.devices], s.out)
@@ -287,8 +311,31 @@ COMMANDS: dict[str, Callable[[Session, argparse.Namespace], None]] = {
 }
 
 
+def cluster_init(out: Path) -> int:
+    """Write a new cluster secret; no daemon needed."""
+    from hsmdifd.auth import SecretError, write_secret_file
+
+    try:
+        write_secret_file(out)
+    except (SecretError, OSError) as e:
+        print(f"hsmdifctl: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"Wrote a new cluster secret to {out} (mode 0600).\n"
+        "Copy the same file to every device, keeping it private, for example:\n"
+        f"  scp {out} DEVICE:/etc/hsmdif/cluster.secret\n"
+        'then set secret_file = "/etc/hsmdif/cluster.secret" in [cluster] of each\n'
+        "device's /etc/hsmdif/hsmdifd.toml (or start hsmdifd with --secret-file) and\n"
+        "restart hsmdifd. The file must be readable by hsmdifd only:\n"
+        "  chown hsmdif: /etc/hsmdif/cluster.secret && chmod 600 /etc/hsmdif/cluster.secret"
+    )
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "cluster":
+        return cluster_init(args.out)
     path: Path = socket_path(args.socket)
     try:
         channel, stub = connect(path)

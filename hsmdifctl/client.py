@@ -25,7 +25,8 @@ def socket_path(explicit: str | None) -> Path:
     if env := os.environ.get("HSMDIF_SOCKET"):
         return Path(env)
     mine = default_socket_path()
-    if mine.exists() or not SYSTEM_SOCKET.exists():
+    # os.path.exists: a directory we may not search is "not there", not an exception.
+    if os.path.exists(mine) or not os.path.exists(SYSTEM_SOCKET):
         return mine
     return SYSTEM_SOCKET
 

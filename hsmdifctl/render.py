@@ -35,6 +35,13 @@ def model_dict(model: pb.ModelInfo) -> dict[str, Any] | None:
     }
 
 
+def policy_text(policy: pb.Policy) -> str:
+    if policy.by_memory or not policy.order:
+        return "by total memory"
+    names = policy.order_names or policy.order
+    return "in the order " + ", ".join(names) + ", then by total memory"
+
+
 def status_dict(reply: pb.StatusReply) -> dict[str, Any]:
     return {
         "id": reply.node_id,
@@ -45,6 +52,18 @@ def status_dict(reply: pb.StatusReply) -> dict[str, Any]:
         "version": reply.version,
         "uptime_seconds": round(reply.uptime_seconds, 1),
         "model": model_dict(reply.model),
+        "epoch": {
+            "policy_version": reply.epoch.policy_version,
+            "root_id": reply.epoch.root_id,
+            "generation": reply.epoch.generation,
+        },
+        "policy": {
+            "version": reply.policy.version,
+            "order": list(reply.policy.order),
+            "order_names": list(reply.policy.order_names),
+            "by_memory": reply.policy.by_memory or not reply.policy.order,
+        },
+        "warning": reply.warning or None,
     }
 
 
@@ -54,7 +73,10 @@ def status_text(reply: pb.StatusReply) -> str:
         f"role:    {reply.role}",
         f"root:    {reply.root_name}",
         f"address: {reply.address}",
+        f"policy:  version {reply.policy.version}, {policy_text(reply.policy)}",
     ]
+    if reply.warning:
+        lines.append(f"warning: {reply.warning}")
     model = model_dict(reply.model)
     if model is None:
         lines.append("model:   none loaded (hsmdifctl load [MODEL])")
@@ -82,6 +104,7 @@ def device_dict(d: pb.DeviceProfile) -> dict[str, Any]:
         "load": round(d.load, 3),
         "threads": d.threads,
         "figures": "declared" if d.declared else "measured",
+        "rank": d.rank or None,
     }
 
 
@@ -92,12 +115,24 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def devices_text(devices: list[pb.DeviceProfile]) -> str:
-    header = ["NAME", "ADDRESS", "ROLE", "STATE", "TOTAL", "FREE", "SPEED", "LOAD", "FIGURES"]
+    header = [
+        "RANK",
+        "NAME",
+        "ADDRESS",
+        "ROLE",
+        "STATE",
+        "TOTAL",
+        "FREE",
+        "SPEED",
+        "LOAD",
+        "FIGURES",
+    ]
     rows = []
     for d in map(device_dict, devices):
         rows.append(
             [
-                d["name"],
+                str(d["rank"] or "-"),
+                d["name"] or "?",
                 d["address"],
                 d["role"],
                 d["state"],

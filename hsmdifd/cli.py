@@ -26,6 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, metavar="N", help="peer TCP port (default 9999)")
     p.add_argument("--name", help="this device's name (default: the host name)")
     p.add_argument("--no-mdns", action="store_true", help="do not use mDNS")
+    p.add_argument("--secret-file", metavar="FILE", help="the cluster secret")
+    p.add_argument(
+        "--peers", metavar="HOST:PORT,...", help="static peers, for networks without multicast"
+    )
+    p.add_argument("--devices", metavar="FILE", help="a devices.json of static peers")
+    p.add_argument("--listen", metavar="ADDRESS", help="peer service listen address")
+    p.add_argument("--advertise", metavar="ADDRESS", help="the address peers reach this device on")
     p.add_argument(
         "--check-config", action="store_true", help="validate the configuration and exit"
     )
@@ -41,6 +48,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, object]]
         "network_port": args.port,
         "node_name": args.name,
         "network_mdns": False if args.no_mdns else None,
+        "network_peers": tuple(p for p in args.peers.split(",") if p) if args.peers else None,
+        "network_listen_address": args.listen,
+        "network_advertise_address": args.advertise,
+        "cluster_secret_file": args.secret_file,
+        "cluster_devices_file": args.devices,
     }
     config = with_overrides(load_config(args.config), **overrides)
     if not 0 < config.network.port < 65536:

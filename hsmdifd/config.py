@@ -46,6 +46,14 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    secret_file: str = ""
+    """The cluster secret (hsmdifctl cluster init); empty means this device runs alone."""
+    devices_file: str = ""
+    """A devices.json listing static peers and the figures they declare."""
+
+
+@dataclass(frozen=True)
 class ControlConfig:
     socket: str = ""
     """Control socket path; empty means the default for this user."""
@@ -89,6 +97,7 @@ class TimingConfig:
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     state: StateConfig = field(default_factory=StateConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)

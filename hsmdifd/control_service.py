@@ -6,14 +6,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from hsmdifd import __version__
+from hsmdifd.cluster import Cluster
 from hsmdifd.errors import RequestError
 from hsmdifd.models import Models
-from hsmdifd.node import Identity
 from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
 
@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 _ROLES = {"user", "assistant", "system"}
 Context = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
 
 
 def check_generate(request: pb.GenerateRequest) -> None:
@@ -50,51 +51,118 @@ def check_generate(request: pb.GenerateRequest) -> None:
 
 
 class ControlService(pb_grpc.ControlServicer):
+    """Answers hsmdifctl; model requests go to the root, wherever it is."""
+
     def __init__(
         self,
-        identity: Identity,
+        cluster: Cluster,
         models: Models,
         device_profile: Callable[[bool], pb.DeviceProfile],
     ) -> None:
-        self._identity = identity
+        self._cluster = cluster
         self._models = models
         self._device_profile = device_profile
         self._started = time.monotonic()
 
     async def Status(self, request: pb.StatusRequest, context: Context) -> pb.StatusReply:
+        cluster = self._cluster
+        model = self._models.info
+        if not cluster.is_root:
+            status = cluster.membership.status_of(cluster.root_id) if cluster.membership else None
+            model = status.model if status else pb.ModelInfo()
+        warning = ""
+        if cluster.refused:
+            warning = (
+                f"this device's node id is also used by {cluster.refused}, which started "
+                "first: it does not join; delete node_id in the state directory and restart"
+            )
+        elif not cluster.enabled:
+            warning = "no cluster secret: this device runs alone (see hsmdifctl cluster init)"
         return pb.StatusReply(
-            node_id=self._identity.node_id,
-            name=self._identity.name,
-            role="root",
-            root_name=self._identity.name,
-            model=self._models.info,
+            node_id=cluster.identity.node_id,
+            name=cluster.identity.name,
+            role="root" if cluster.is_root else "worker",
+            root_name=cluster.root_name(),
+            model=model,
             version=__version__,
-            address=self._identity.address,
+            address=cluster.identity.address,
             uptime_seconds=time.monotonic() - self._started,
+            epoch=cluster.epoch_pb(),
+            policy=cluster.policy_for_people(),
+            warning=warning,
         )
 
     async def Devices(self, request: pb.DevicesRequest, context: Context) -> pb.DevicesReply:
-        profile = await asyncio.to_thread(self._device_profile, request.refresh_speed)
-        return pb.DevicesReply(devices=[profile])
+        device = await asyncio.to_thread(self._device_profile, request.refresh_speed)
+        self._cluster.set_device(device)
+        return pb.DevicesReply(devices=self._cluster.devices())
+
+    async def SetPriority(self, request: pb.SetPriorityRequest, context: Context) -> pb.Policy:
+        if not request.by_memory and not request.devices:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "name the devices in priority order, or give --prioritize-by-memory",
+            )
+        try:
+            await self._cluster.set_priority(list(request.devices), request.by_memory)
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+        return self._cluster.policy_for_people()
 
     async def Load(self, request: pb.LoadRequest, context: Context) -> AsyncIterator[pb.LoadEvent]:
         try:
-            async for event in self._models.load(request):
-                yield event
+            if self._cluster.is_root:
+                async for event in self._models.load(request):
+                    yield event
+            else:
+                stub, name = self._cluster.root_stub()
+                async for event in _relay(stub.Load(request), name):
+                    yield event
         except RequestError as e:
             log.warning("load refused: %s", e)
             await context.abort(e.code, str(e))
 
     async def Unload(self, request: pb.UnloadRequest, context: Context) -> pb.UnloadReply:
-        return pb.UnloadReply(was_loaded=await self._models.unload())
+        if self._cluster.is_root:
+            return pb.UnloadReply(was_loaded=await self._models.unload())
+        try:
+            stub, _ = self._cluster.root_stub()
+            return await stub.Unload(request)
+        except (RequestError, grpc.aio.AioRpcError) as e:
+            error = e if isinstance(e, RequestError) else _from_root(e, self._cluster.root_name())
+            await context.abort(error.code, str(error))
+            raise  # unreachable: abort raises
 
     async def Generate(
         self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.GenerateEvent]:
         try:
             check_generate(request)
-            async for event in self._models.generate(request):
-                yield event
+            if self._cluster.is_root:
+                async for event in self._models.generate(request):
+                    yield event
+            else:
+                stub, name = self._cluster.root_stub()
+                async for event in _relay(stub.Generate(request), name):
+                    yield event
         except RequestError as e:
             log.warning("generation failed: %s", e)
             await context.abort(e.code, str(e))
+
+
+def _from_root(error: grpc.aio.AioRpcError, root: str) -> RequestError:
+    details = error.details() or error.code().name
+    if error.code() == grpc.StatusCode.UNAVAILABLE:
+        details = f"the root ({root}) cannot be reached: {details}"
+    else:
+        details = f"on the root ({root}): {details}"
+    return RequestError(error.code(), details)
+
+
+async def _relay(call: grpc.aio.UnaryStreamCall[Any, T], root: str) -> AsyncIterator[T]:
+    """Pass a stream from the root on; its errors name the root."""
+    try:
+        async for event in call:
+            yield event
+    except grpc.aio.AioRpcError as e:
+        raise _from_root(e, root) from e

@@ -18,12 +18,16 @@ from pathlib import Path
 
 import grpc
 
-from hsmdifd import notify, profile
+from hsmdifd import notify, profile, timing
+from hsmdifd.auth import AuthServerInterceptor, SecretError, load_secret
+from hsmdifd.cluster import Cluster
 from hsmdifd.config import Config, ConfigError, load_config, with_overrides
 from hsmdifd.control_service import ControlService
+from hsmdifd.devices_file import load_devices_file
 from hsmdifd.engine import Engine
 from hsmdifd.models import Models
 from hsmdifd.node import Identity, load_identity
+from hsmdifd.peer_service import PeerService
 from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
 
@@ -98,6 +102,8 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self.identity: Identity | None = None
         self._owns_socket = False
+        self._peer_server: grpc.aio.Server | None = None
+        self.cluster: Cluster | None = None
 
     # ---- device figures -------------------------------------------------------------
 
@@ -138,16 +144,28 @@ class Daemon:
             self.identity = load_identity(config)
         except (OSError, ValueError) as e:
             raise StartupError(f"cannot use the state directory {config.state_dir}: {e}") from e
+        secret, declared = self._cluster_inputs()
         path = config.socket_path
         try:
             claim_socket(path)
         except PermissionError as e:
             raise StartupError(f"cannot create the control socket {path}: {e.strerror}") from e
         engine = Engine(Engine.child_socket(path.parent))
-        self._models = Models(config, engine, lambda: self._memory().usable_bytes)
+        models = self._models = Models(config, engine, lambda: self._memory().usable_bytes)
+        cluster = self.cluster = Cluster(
+            config,
+            self.identity,
+            secret,
+            busy=lambda: models.in_flight > 0,
+            model=lambda: models.info,
+            declared=declared,
+        )
+        cluster.set_device(await asyncio.to_thread(self.device_profile))
+        if secret is not None:
+            await self._serve_peers(secret)
         server = grpc.aio.server()
         pb_grpc.add_ControlServicer_to_server(
-            ControlService(self.identity, self._models, self.device_profile), server
+            ControlService(cluster, models, self.device_profile), server
         )
         if server.add_insecure_port(f"unix:{path}") == 0:
             raise StartupError(f"cannot listen on {path}")
@@ -157,6 +175,7 @@ class Daemon:
         _share_socket(path, config.control.group)
         if not _accepts(path):
             raise StartupError(f"the control socket {path} does not accept connections")
+        await cluster.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.handle_exit)
@@ -164,16 +183,68 @@ class Daemon:
         interval = notify.watchdog_interval()
         if interval:
             self._tasks.append(asyncio.create_task(notify.watchdog_loop(interval)))
-        self._tasks.append(asyncio.create_task(self._measure_once()))
-        log.info("hsmdifd %s (%s) ready on %s", self.identity.name, self.identity.node_id, path)
+        self._tasks.append(asyncio.create_task(self._refresh_device()))
+        self._tasks.append(asyncio.create_task(self._follow_root()))
+        log.info(
+            "hsmdifd %s (%s) ready on %s%s",
+            self.identity.name,
+            self.identity.node_id,
+            path,
+            f", peers on {self.identity.address}" if secret else ", alone (no cluster secret)",
+        )
         notify.notify("READY=1")
 
-    async def _measure_once(self) -> None:
-        """Measure (or read the cached) speed figure once, off the loop."""
+    def _cluster_inputs(self) -> tuple[bytes | None, dict[str, pb.DeviceProfile]]:
+        cluster = self.config.cluster
         try:
-            await asyncio.to_thread(self.device_profile)
-        except Exception:
-            log.exception("measuring this device failed")
+            secret = load_secret(Path(cluster.secret_file)) if cluster.secret_file else None
+            declared = load_devices_file(Path(cluster.devices_file)) if cluster.devices_file else {}
+        except (SecretError, ConfigError) as e:
+            raise StartupError(str(e)) from e
+        if declared and secret is None:
+            raise StartupError("static peers need the cluster secret: give --secret-file")
+        return secret, declared
+
+    async def _serve_peers(self, secret: bytes) -> None:
+        assert self.identity is not None and self._models is not None
+        network = self.config.network
+        server = grpc.aio.server(
+            interceptors=[AuthServerInterceptor(secret, self.identity.node_id)]
+        )
+        assert self.cluster is not None
+        pb_grpc.add_PeerServicer_to_server(PeerService(self.cluster, self._models), server)
+        target = f"{network.listen_address}:{network.port}"
+        try:
+            bound = server.add_insecure_port(target)
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            raise StartupError(
+                f"cannot listen for peers on {target} (in use?); choose another --port"
+            )
+        await server.start()
+        self._peer_server = server
+
+    async def _follow_root(self) -> None:
+        """A device that stops being root unloads its model once it is idle."""
+        assert self.cluster is not None and self._models is not None
+        while True:
+            await self.cluster.changed.wait()
+            self.cluster.changed.clear()
+            models = self._models
+            if not self.cluster.is_root and models.info.state != pb.IDLE and not models.in_flight:
+                log.info("no longer root: unloading %s", models.info.path)
+                await models.unload()
+
+    async def _refresh_device(self) -> None:
+        """Keep this device's figures current, measured off the loop."""
+        assert self.cluster is not None
+        while True:
+            try:
+                self.cluster.set_device(await asyncio.to_thread(self.device_profile))
+            except Exception:
+                log.exception("measuring this device failed")
+            await asyncio.sleep(timing.DEVICE_REFRESH)
 
     def handle_exit(self) -> None:
         if self._stop.is_set():
@@ -212,6 +283,10 @@ class Daemon:
         notify.notify("STOPPING=1")
         log.info("stopping")
         grace = 0.0 if self._force.is_set() else self.config.timing.shutdown_grace
+        if self.cluster is not None:
+            await self.cluster.stop()
+        if self._peer_server is not None:
+            await self._peer_server.stop(0)
         if self._server is not None:
             stopping = asyncio.create_task(self._server.stop(grace))
             forced = asyncio.create_task(self._force.wait())

@@ -18,5 +18,7 @@ CHILD_STOP_TIMEOUT = 3.0
 """Seconds a child process gets after SIGTERM before SIGKILL."""
 ENGINE_START_TIMEOUT = 30.0
 """Seconds the engine child gets to open its socket."""
+DEVICE_REFRESH = 2.0
+"""Seconds between measurements of this device's free memory and load."""
 WATCHDOG_FRACTION = 0.5
 """WATCHDOG=1 is sent at this fraction of WATCHDOG_USEC."""

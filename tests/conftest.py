@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,6 +69,8 @@ class Daemon:
     proc: subprocess.Popen[str] | None = None
     notify: NotifySocket | None = None
     extra_args: list[str] = field(default_factory=list)
+    host: Any = None  # a tests.netns.Host to run in, or None for this machine
+    mdns: bool = False
 
     @property
     def socket(self) -> Path:
@@ -89,10 +92,12 @@ class Daemon:
             str(self.socket),
             "--state-dir",
             str(self.state_dir),
-            "--no-mdns",
+            *([] if self.mdns else ["--no-mdns"]),
             *self.extra_args,
         ]
         full_env = {**os.environ, "NOTIFY_SOCKET": str(self.notify.path), **(env or {})}
+        if self.host is not None:
+            cmd = self.host.command(cmd)
         self.proc = subprocess.Popen(
             cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )

@@ -392,3 +392,57 @@ def test_sigterm_during_generation_ends_cleanly(make_daemon: MakeDaemon, short_d
     assert "hsmdifd" in err
     assert not d.socket.exists()
     assert not any(psutil.pid_exists(pid) for pid in children)
+
+
+def test_chat_ctrl_c_stops_the_answer_not_the_chat(
+    make_daemon: MakeDaemon, short_dir: Path
+) -> None:
+    d = make_daemon(model=slow_model(short_dir))
+    d.start()
+    assert d.ctl("load", "--max-seq-len", "2048").returncode == 0
+    chat = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hsmdifctl",
+            "--socket",
+            str(d.socket),
+            "chat",
+            "--max-tokens",
+            "1500",
+            "--temperature",
+            "0",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert chat.stdin is not None and chat.stdout is not None
+    chat.stdin.write("tell me everything\n")
+    chat.stdin.flush()
+    chat.stdout.read(1)  # the answer has started
+    chat.send_signal(signal.SIGINT)
+    _, err = chat.communicate("and now?\nexit\n", timeout=120)
+    assert chat.returncode == 0, err
+    assert "[answer stopped]" in err
+    # The second question was answered in the same conversation.
+    assert re.search(r"Generated \d+ tokens \(prompt (\d+) tokens\)", err)
+    assert d.proc is not None and d.proc.poll() is None
+
+
+@pytest.mark.gemma
+def test_bundled_gemma_answers(make_daemon: MakeDaemon) -> None:
+    d = make_daemon(model=None)
+    d.start()
+    r = d.ctl(
+        "prompt", "What is the capital of France?", "--max-tokens", "24", "--json", timeout=600
+    )
+    assert r.returncode == 0, r.stderr
+    answer = json.loads(r.stdout)
+    assert answer["text"].strip()
+    assert answer["completion_tokens"] >= 1
+    model = status(d)["model"]
+    assert isinstance(model, dict)
+    assert model["path"] == str(d.state_dir / "models" / "gemma-3-270m-q4_k_m.gguf")
+    assert model["architecture"] == "gemma3"

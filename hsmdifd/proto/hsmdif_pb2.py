@@ -24,49 +24,59 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ahsmdifd/proto/hsmdif.proto\x12\thsmdif.v1\"\xec\x01\n\rDeviceProfile\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x1b\n\x13memory_usable_bytes\x18\x05 \x01(\x04\x12\r\n\x05speed\x18\x06 \x01(\x01\x12\x0c\n\x04load\x18\x07 \x01(\x01\x12\x0f\n\x07threads\x18\x08 \x01(\r\x12\x0c\n\x04role\x18\t \x01(\t\x12\r\n\x05state\x18\n \x01(\t\x12\x10\n\x08\x64\x65\x63lared\x18\x0b \x01(\x08\x12\x1a\n\x12memory_limit_bytes\x18\x0c \x01(\x04\"\xef\x01\n\tModelInfo\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.hsmdif.v1.ModelState\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x0f\n\x07threads\x18\x05 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x06 \x01(\t\x12\x0f\n\x07n_layer\x18\x07 \x01(\r\x12\x17\n\x0f\x65stimated_bytes\x18\x08 \x01(\x04\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0c\n\x04name\x18\n \x01(\t\x12\x14\n\x0cload_seconds\x18\x0b \x01(\x01\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x0f\n\rStatusRequest\"\xac\x01\n\x0bStatusReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x11\n\troot_name\x18\x04 \x01(\t\x12#\n\x05model\x18\x05 \x01(\x0b\x32\x14.hsmdif.v1.ModelInfo\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\"\'\n\x0e\x44\x65vicesRequest\x12\x15\n\rrefresh_speed\x18\x01 \x01(\x08\"9\n\x0c\x44\x65vicesReply\x12)\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x18.hsmdif.v1.DeviceProfile\"G\n\x0bLoadRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x13\n\x0bmax_seq_len\x18\x02 \x01(\r\x12\x0f\n\x07threads\x18\x03 \x01(\r\"/\n\x0cLoadProgress\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\r\n\x05stage\x18\x02 \x01(\t\"i\n\tLoadEvent\x12+\n\x08progress\x18\x01 \x01(\x0b\x32\x17.hsmdif.v1.LoadProgressH\x00\x12&\n\x06loaded\x18\x02 \x01(\x0b\x32\x14.hsmdif.v1.ModelInfoH\x00\x42\x07\n\x05\x65vent\"\x0f\n\rUnloadRequest\"!\n\x0bUnloadReply\x12\x12\n\nwas_loaded\x18\x01 \x01(\x08\"\xb2\x01\n\x0fGenerateRequest\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.hsmdif.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0b\n\x03raw\x18\x03 \x01(\x08\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\rH\x01\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x07\n\x05_seed\"\xb1\x01\n\rGenerateStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x01\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x04 \x01(\x01\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rtotal_seconds\x18\x06 \x01(\x01\"~\n\rGenerateEvent\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x04\x64one\x18\x02 \x01(\x0b\x32\x18.hsmdif.v1.GenerateStatsH\x00\x12*\n\x07loading\x18\x03 \x01(\x0b\x32\x17.hsmdif.v1.LoadProgressH\x00\x42\x07\n\x05\x65vent\"d\n\x11\x45ngineLoadRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x0f\n\x07threads\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r*W\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x08\n\x04IDLE\x10\x01\x12\x0b\n\x07LOADING\x10\x02\x12\t\n\x05READY\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x32\xbc\x02\n\x07\x43ontrol\x12:\n\x06Status\x12\x18.hsmdif.v1.StatusRequest\x1a\x16.hsmdif.v1.StatusReply\x12=\n\x07\x44\x65vices\x12\x19.hsmdif.v1.DevicesRequest\x1a\x17.hsmdif.v1.DevicesReply\x12\x36\n\x04Load\x12\x16.hsmdif.v1.LoadRequest\x1a\x14.hsmdif.v1.LoadEvent0\x01\x12:\n\x06Unload\x12\x18.hsmdif.v1.UnloadRequest\x1a\x16.hsmdif.v1.UnloadReply\x12\x42\n\x08Generate\x12\x1a.hsmdif.v1.GenerateRequest\x1a\x18.hsmdif.v1.GenerateEvent0\x01\x32\x8a\x01\n\x06\x45ngine\x12<\n\x04Load\x12\x1c.hsmdif.v1.EngineLoadRequest\x1a\x14.hsmdif.v1.LoadEvent0\x01\x12\x42\n\x08Generate\x12\x1a.hsmdif.v1.GenerateRequest\x1a\x18.hsmdif.v1.GenerateEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ahsmdifd/proto/hsmdif.proto\x12\thsmdif.v1\"\xfa\x01\n\rDeviceProfile\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x1b\n\x13memory_usable_bytes\x18\x05 \x01(\x04\x12\r\n\x05speed\x18\x06 \x01(\x01\x12\x0c\n\x04load\x18\x07 \x01(\x01\x12\x0f\n\x07threads\x18\x08 \x01(\r\x12\x0c\n\x04role\x18\t \x01(\t\x12\r\n\x05state\x18\n \x01(\t\x12\x10\n\x08\x64\x65\x63lared\x18\x0b \x01(\x08\x12\x1a\n\x12memory_limit_bytes\x18\x0c \x01(\x04\x12\x0c\n\x04rank\x18\r \x01(\r\"\xef\x01\n\tModelInfo\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.hsmdif.v1.ModelState\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x0f\n\x07threads\x18\x05 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x06 \x01(\t\x12\x0f\n\x07n_layer\x18\x07 \x01(\r\x12\x17\n\x0f\x65stimated_bytes\x18\x08 \x01(\x04\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0c\n\x04name\x18\n \x01(\t\x12\x14\n\x0cload_seconds\x18\x0b \x01(\x01\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x12SetPriorityRequest\x12\x0f\n\x07\x64\x65vices\x18\x01 \x03(\t\x12\x11\n\tby_memory\x18\x02 \x01(\x08\"\x0f\n\rStatusRequest\"\x81\x02\n\x0bStatusReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x11\n\troot_name\x18\x04 \x01(\t\x12#\n\x05model\x18\x05 \x01(\x0b\x32\x14.hsmdif.v1.ModelInfo\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\x12\x1f\n\x05\x65poch\x18\t \x01(\x0b\x32\x10.hsmdif.v1.Epoch\x12!\n\x06policy\x18\n \x01(\x0b\x32\x11.hsmdif.v1.Policy\x12\x0f\n\x07warning\x18\x0b \x01(\t\"\'\n\x0e\x44\x65vicesRequest\x12\x15\n\rrefresh_speed\x18\x01 \x01(\x08\"9\n\x0c\x44\x65vicesReply\x12)\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x18.hsmdif.v1.DeviceProfile\"G\n\x0bLoadRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x13\n\x0bmax_seq_len\x18\x02 \x01(\r\x12\x0f\n\x07threads\x18\x03 \x01(\r\"/\n\x0cLoadProgress\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\r\n\x05stage\x18\x02 \x01(\t\"i\n\tLoadEvent\x12+\n\x08progress\x18\x01 \x01(\x0b\x32\x17.hsmdif.v1.LoadProgressH\x00\x12&\n\x06loaded\x18\x02 \x01(\x0b\x32\x14.hsmdif.v1.ModelInfoH\x00\x42\x07\n\x05\x65vent\"\x0f\n\rUnloadRequest\"!\n\x0bUnloadReply\x12\x12\n\nwas_loaded\x18\x01 \x01(\x08\"\xb2\x01\n\x0fGenerateRequest\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.hsmdif.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0b\n\x03raw\x18\x03 \x01(\x08\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\rH\x01\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x07\n\x05_seed\"\xb1\x01\n\rGenerateStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x01\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x04 \x01(\x01\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rtotal_seconds\x18\x06 \x01(\x01\"~\n\rGenerateEvent\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x04\x64one\x18\x02 \x01(\x0b\x32\x18.hsmdif.v1.GenerateStatsH\x00\x12*\n\x07loading\x18\x03 \x01(\x0b\x32\x17.hsmdif.v1.LoadProgressH\x00\x42\x07\n\x05\x65vent\"P\n\x06Policy\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05order\x18\x02 \x03(\t\x12\x11\n\tby_memory\x18\x03 \x01(\x08\x12\x13\n\x0border_names\x18\x04 \x03(\t\"D\n\x05\x45poch\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\x0f\n\x07root_id\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\"\xf7\x01\n\nPeerStatus\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12(\n\x06\x64\x65vice\x18\x02 \x01(\x0b\x32\x18.hsmdif.v1.DeviceProfile\x12!\n\x06policy\x18\x03 \x01(\x0b\x32\x11.hsmdif.v1.Policy\x12\x1f\n\x05\x65poch\x18\x04 \x01(\x0b\x32\x10.hsmdif.v1.Epoch\x12\x12\n\ngenerating\x18\x05 \x01(\x08\x12\x12\n\nstarted_at\x18\x06 \x01(\x01\x12#\n\x05model\x18\x07 \x01(\x0b\x32\x14.hsmdif.v1.ModelInfo\x12\x14\n\x0c\x64uplicate_of\x18\x08 \x01(\t\"d\n\x11\x45ngineLoadRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x0f\n\x07threads\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r*W\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x08\n\x04IDLE\x10\x01\x12\x0b\n\x07LOADING\x10\x02\x12\t\n\x05READY\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x32\xfd\x02\n\x07\x43ontrol\x12:\n\x06Status\x12\x18.hsmdif.v1.StatusRequest\x1a\x16.hsmdif.v1.StatusReply\x12=\n\x07\x44\x65vices\x12\x19.hsmdif.v1.DevicesRequest\x1a\x17.hsmdif.v1.DevicesReply\x12\x36\n\x04Load\x12\x16.hsmdif.v1.LoadRequest\x1a\x14.hsmdif.v1.LoadEvent0\x01\x12:\n\x06Unload\x12\x18.hsmdif.v1.UnloadRequest\x1a\x16.hsmdif.v1.UnloadReply\x12\x42\n\x08Generate\x12\x1a.hsmdif.v1.GenerateRequest\x1a\x18.hsmdif.v1.GenerateEvent0\x01\x12?\n\x0bSetPriority\x12\x1d.hsmdif.v1.SetPriorityRequest\x1a\x11.hsmdif.v1.Policy2\xa9\x02\n\x04Peer\x12\x36\n\x06Status\x12\x15.hsmdif.v1.PeerStatus\x1a\x15.hsmdif.v1.PeerStatus\x12\x31\n\tSetPolicy\x12\x11.hsmdif.v1.Policy\x1a\x11.hsmdif.v1.Policy\x12\x42\n\x08Generate\x12\x1a.hsmdif.v1.GenerateRequest\x1a\x18.hsmdif.v1.GenerateEvent0\x01\x12\x36\n\x04Load\x12\x16.hsmdif.v1.LoadRequest\x1a\x14.hsmdif.v1.LoadEvent0\x01\x12:\n\x06Unload\x12\x18.hsmdif.v1.UnloadRequest\x1a\x16.hsmdif.v1.UnloadReply2\x8a\x01\n\x06\x45ngine\x12<\n\x04Load\x12\x1c.hsmdif.v1.EngineLoadRequest\x1a\x14.hsmdif.v1.LoadEvent0\x01\x12\x42\n\x08Generate\x12\x1a.hsmdif.v1.GenerateRequest\x1a\x18.hsmdif.v1.GenerateEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hsmdifd.proto.hsmdif_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=1732
-  _globals['_MODELSTATE']._serialized_end=1819
+  _globals['_MODELSTATE']._serialized_start=2291
+  _globals['_MODELSTATE']._serialized_end=2378
   _globals['_DEVICEPROFILE']._serialized_start=42
-  _globals['_DEVICEPROFILE']._serialized_end=278
-  _globals['_MODELINFO']._serialized_start=281
-  _globals['_MODELINFO']._serialized_end=520
-  _globals['_CHATMESSAGE']._serialized_start=522
-  _globals['_CHATMESSAGE']._serialized_end=566
-  _globals['_STATUSREQUEST']._serialized_start=568
-  _globals['_STATUSREQUEST']._serialized_end=583
-  _globals['_STATUSREPLY']._serialized_start=586
-  _globals['_STATUSREPLY']._serialized_end=758
-  _globals['_DEVICESREQUEST']._serialized_start=760
-  _globals['_DEVICESREQUEST']._serialized_end=799
-  _globals['_DEVICESREPLY']._serialized_start=801
-  _globals['_DEVICESREPLY']._serialized_end=858
-  _globals['_LOADREQUEST']._serialized_start=860
-  _globals['_LOADREQUEST']._serialized_end=931
-  _globals['_LOADPROGRESS']._serialized_start=933
-  _globals['_LOADPROGRESS']._serialized_end=980
-  _globals['_LOADEVENT']._serialized_start=982
-  _globals['_LOADEVENT']._serialized_end=1087
-  _globals['_UNLOADREQUEST']._serialized_start=1089
-  _globals['_UNLOADREQUEST']._serialized_end=1104
-  _globals['_UNLOADREPLY']._serialized_start=1106
-  _globals['_UNLOADREPLY']._serialized_end=1139
-  _globals['_GENERATEREQUEST']._serialized_start=1142
-  _globals['_GENERATEREQUEST']._serialized_end=1320
-  _globals['_GENERATESTATS']._serialized_start=1323
-  _globals['_GENERATESTATS']._serialized_end=1500
-  _globals['_GENERATEEVENT']._serialized_start=1502
-  _globals['_GENERATEEVENT']._serialized_end=1628
-  _globals['_ENGINELOADREQUEST']._serialized_start=1630
-  _globals['_ENGINELOADREQUEST']._serialized_end=1730
-  _globals['_CONTROL']._serialized_start=1822
-  _globals['_CONTROL']._serialized_end=2138
-  _globals['_ENGINE']._serialized_start=2141
-  _globals['_ENGINE']._serialized_end=2279
+  _globals['_DEVICEPROFILE']._serialized_end=292
+  _globals['_MODELINFO']._serialized_start=295
+  _globals['_MODELINFO']._serialized_end=534
+  _globals['_CHATMESSAGE']._serialized_start=536
+  _globals['_CHATMESSAGE']._serialized_end=580
+  _globals['_SETPRIORITYREQUEST']._serialized_start=582
+  _globals['_SETPRIORITYREQUEST']._serialized_end=638
+  _globals['_STATUSREQUEST']._serialized_start=640
+  _globals['_STATUSREQUEST']._serialized_end=655
+  _globals['_STATUSREPLY']._serialized_start=658
+  _globals['_STATUSREPLY']._serialized_end=915
+  _globals['_DEVICESREQUEST']._serialized_start=917
+  _globals['_DEVICESREQUEST']._serialized_end=956
+  _globals['_DEVICESREPLY']._serialized_start=958
+  _globals['_DEVICESREPLY']._serialized_end=1015
+  _globals['_LOADREQUEST']._serialized_start=1017
+  _globals['_LOADREQUEST']._serialized_end=1088
+  _globals['_LOADPROGRESS']._serialized_start=1090
+  _globals['_LOADPROGRESS']._serialized_end=1137
+  _globals['_LOADEVENT']._serialized_start=1139
+  _globals['_LOADEVENT']._serialized_end=1244
+  _globals['_UNLOADREQUEST']._serialized_start=1246
+  _globals['_UNLOADREQUEST']._serialized_end=1261
+  _globals['_UNLOADREPLY']._serialized_start=1263
+  _globals['_UNLOADREPLY']._serialized_end=1296
+  _globals['_GENERATEREQUEST']._serialized_start=1299
+  _globals['_GENERATEREQUEST']._serialized_end=1477
+  _globals['_GENERATESTATS']._serialized_start=1480
+  _globals['_GENERATESTATS']._serialized_end=1657
+  _globals['_GENERATEEVENT']._serialized_start=1659
+  _globals['_GENERATEEVENT']._serialized_end=1785
+  _globals['_POLICY']._serialized_start=1787
+  _globals['_POLICY']._serialized_end=1867
+  _globals['_EPOCH']._serialized_start=1869
+  _globals['_EPOCH']._serialized_end=1937
+  _globals['_PEERSTATUS']._serialized_start=1940
+  _globals['_PEERSTATUS']._serialized_end=2187
+  _globals['_ENGINELOADREQUEST']._serialized_start=2189
+  _globals['_ENGINELOADREQUEST']._serialized_end=2289
+  _globals['_CONTROL']._serialized_start=2381
+  _globals['_CONTROL']._serialized_end=2762
+  _globals['_PEER']._serialized_start=2765
+  _globals['_PEER']._serialized_end=3062
+  _globals['_ENGINE']._serialized_start=3065
+  _globals['_ENGINE']._serialized_end=3203
 # @@protoc_insertion_point(module_scope)

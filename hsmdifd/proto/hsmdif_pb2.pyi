@@ -74,6 +74,7 @@ class DeviceProfile(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     DECLARED_FIELD_NUMBER: _builtins.int
     MEMORY_LIMIT_BYTES_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     address: _builtins.str
@@ -94,6 +95,8 @@ class DeviceProfile(_message.Message):
     """figures come from configuration, not measurement"""
     memory_limit_bytes: _builtins.int
     """cgroup limit, 0 when none applies"""
+    rank: _builtins.int
+    """1 = highest priority"""
     def __init__(
         self,
         *,
@@ -109,10 +112,11 @@ class DeviceProfile(_message.Message):
         state: _builtins.str = ...,
         declared: _builtins.bool = ...,
         memory_limit_bytes: _builtins.int = ...,
+        rank: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "declared", b"declared", "id", b"id", "load", b"load", "memory_limit_bytes", b"memory_limit_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_usable_bytes", b"memory_usable_bytes", "name", b"name", "role", b"role", "speed", b"speed", "state", b"state", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "declared", b"declared", "id", b"id", "load", b"load", "memory_limit_bytes", b"memory_limit_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_usable_bytes", b"memory_usable_bytes", "name", b"name", "rank", b"rank", "role", b"role", "speed", b"speed", "state", b"state", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -194,6 +198,32 @@ class ChatMessage(_message.Message):
 Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
 
 @_typing.final
+class SetPriorityRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICES_FIELD_NUMBER: _builtins.int
+    BY_MEMORY_FIELD_NUMBER: _builtins.int
+    by_memory: _builtins.bool
+    """--prioritize-by-memory"""
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """names, addresses or node ids, highest priority first"""
+
+    def __init__(
+        self,
+        *,
+        devices: _abc.Iterable[_builtins.str] | None = ...,
+        by_memory: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_memory", b"by_memory", "devices", b"devices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPriorityRequest: _TypeAlias = SetPriorityRequest  # noqa: Y015
+
+@_typing.final
 class StatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -220,6 +250,9 @@ class StatusReply(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     name: _builtins.str
     role: _builtins.str
@@ -228,8 +261,14 @@ class StatusReply(_message.Message):
     version: _builtins.str
     address: _builtins.str
     uptime_seconds: _builtins.float
+    warning: _builtins.str
+    """e.g. a duplicate node id"""
     @_builtins.property
     def model(self) -> Global___ModelInfo: ...
+    @_builtins.property
+    def epoch(self) -> Global___Epoch: ...
+    @_builtins.property
+    def policy(self) -> Global___Policy: ...
     def __init__(
         self,
         *,
@@ -241,10 +280,13 @@ class StatusReply(_message.Message):
         version: _builtins.str = ...,
         address: _builtins.str = ...,
         uptime_seconds: _builtins.float = ...,
+        epoch: Global___Epoch | None = ...,
+        policy: Global___Policy | None = ...,
+        warning: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "model", b"model", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "model", b"model", "name", b"name", "node_id", b"node_id", "role", b"role", "root_name", b"root_name", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "epoch", b"epoch", "model", b"model", "name", b"name", "node_id", b"node_id", "policy", b"policy", "role", b"role", "root_name", b"root_name", "uptime_seconds", b"uptime_seconds", "version", b"version", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -520,6 +562,124 @@ class GenerateEvent(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___GenerateEvent: _TypeAlias = GenerateEvent  # noqa: Y015
+
+@_typing.final
+class Policy(_message.Message):
+    """---------------------------------------------------------------- cluster
+
+    The priority order of the cluster, set on any device and pushed to every peer.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    ORDER_FIELD_NUMBER: _builtins.int
+    BY_MEMORY_FIELD_NUMBER: _builtins.int
+    ORDER_NAMES_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """the higher version wins"""
+    by_memory: _builtins.bool
+    """ignore `order`: total memory, then node id"""
+    @_builtins.property
+    def order(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """node ids, highest priority first; the rest by memory"""
+
+    @_builtins.property
+    def order_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """names of `order`, filled in for hsmdifctl"""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        order: _abc.Iterable[_builtins.str] | None = ...,
+        by_memory: _builtins.bool = ...,
+        order_names: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_memory", b"by_memory", "order", b"order", "order_names", b"order_names", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Policy: _TypeAlias = Policy  # noqa: Y015
+
+@_typing.final
+class Epoch(_message.Message):
+    """Who is root, under which policy and membership; carried by what the root asks of others."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    ROOT_ID_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    policy_version: _builtins.int
+    root_id: _builtins.str
+    generation: _builtins.int
+    """the root's membership generation"""
+    def __init__(
+        self,
+        *,
+        policy_version: _builtins.int = ...,
+        root_id: _builtins.str = ...,
+        generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "policy_version", b"policy_version", "root_id", b"root_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Epoch: _TypeAlias = Epoch  # noqa: Y015
+
+@_typing.final
+class PeerStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    GENERATING_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    DUPLICATE_OF_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.int
+    generating: _builtins.bool
+    """a generation is in flight here"""
+    started_at: _builtins.float
+    """unix time the daemon started (duplicate ids: the newer refuses)"""
+    duplicate_of: _builtins.str
+    """set when this device refuses to join: its id is taken"""
+    @_builtins.property
+    def device(self) -> Global___DeviceProfile: ...
+    @_builtins.property
+    def policy(self) -> Global___Policy: ...
+    @_builtins.property
+    def epoch(self) -> Global___Epoch:
+        """this device's view of the root"""
+
+    @_builtins.property
+    def model(self) -> Global___ModelInfo: ...
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.int = ...,
+        device: Global___DeviceProfile | None = ...,
+        policy: Global___Policy | None = ...,
+        epoch: Global___Epoch | None = ...,
+        generating: _builtins.bool = ...,
+        started_at: _builtins.float = ...,
+        model: Global___ModelInfo | None = ...,
+        duplicate_of: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "epoch", b"epoch", "model", b"model", "policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "duplicate_of", b"duplicate_of", "epoch", b"epoch", "generating", b"generating", "model", b"model", "policy", b"policy", "protocol_version", b"protocol_version", "started_at", b"started_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerStatus: _TypeAlias = PeerStatus  # noqa: Y015
 
 @_typing.final
 class EngineLoadRequest(_message.Message):

@@ -61,6 +61,11 @@ class ControlStub:
                 request_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.GenerateEvent.FromString,
                 _registered_method=True)
+        self.SetPriority = channel.unary_unary(
+                '/hsmdif.v1.Control/SetPriority',
+                request_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.SetPriorityRequest.SerializeToString,
+                response_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.Policy.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -98,6 +103,12 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPriority(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +136,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.GenerateRequest.FromString,
                     response_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.GenerateEvent.SerializeToString,
+            ),
+            'SetPriority': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPriority,
+                    request_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.SetPriorityRequest.FromString,
+                    response_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.Policy.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +280,288 @@ class Control:
             '/hsmdif.v1.Control/Generate',
             hsmdifd_dot_proto_dot_hsmdif__pb2.GenerateRequest.SerializeToString,
             hsmdifd_dot_proto_dot_hsmdif__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPriority(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdif.v1.Control/SetPriority',
+            hsmdifd_dot_proto_dot_hsmdif__pb2.SetPriorityRequest.SerializeToString,
+            hsmdifd_dot_proto_dot_hsmdif__pb2.Policy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class PeerStub:
+    """---------------------------------------------------------------- peer service
+    Daemon to daemon over TCP; every call carries proof of the cluster secret.
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Status = channel.unary_unary(
+                '/hsmdif.v1.Peer/Status',
+                request_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.PeerStatus.SerializeToString,
+                response_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.PeerStatus.FromString,
+                _registered_method=True)
+        self.SetPolicy = channel.unary_unary(
+                '/hsmdif.v1.Peer/SetPolicy',
+                request_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.Policy.SerializeToString,
+                response_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.Policy.FromString,
+                _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/hsmdif.v1.Peer/Generate',
+                request_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.GenerateEvent.FromString,
+                _registered_method=True)
+        self.Load = channel.unary_stream(
+                '/hsmdif.v1.Peer/Load',
+                request_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.LoadRequest.SerializeToString,
+                response_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.LoadEvent.FromString,
+                _registered_method=True)
+        self.Unload = channel.unary_unary(
+                '/hsmdif.v1.Peer/Unload',
+                request_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.UnloadRequest.SerializeToString,
+                response_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.UnloadReply.FromString,
+                _registered_method=True)
+
+
+class PeerServicer:
+    """---------------------------------------------------------------- peer service
+    Daemon to daemon over TCP; every call carries proof of the cluster secret.
+
+    """
+
+    def Status(self, request, context):
+        """A heartbeat: each side learns the other's status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Generate(self, request, context):
+        """Requests forwarded to the root.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Load(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unload(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PeerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.PeerStatus.FromString,
+                    response_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.PeerStatus.SerializeToString,
+            ),
+            'SetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPolicy,
+                    request_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.Policy.FromString,
+                    response_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.Policy.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.GenerateRequest.FromString,
+                    response_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.GenerateEvent.SerializeToString,
+            ),
+            'Load': grpc.unary_stream_rpc_method_handler(
+                    servicer.Load,
+                    request_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.LoadRequest.FromString,
+                    response_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.LoadEvent.SerializeToString,
+            ),
+            'Unload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unload,
+                    request_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.UnloadRequest.FromString,
+                    response_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.UnloadReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'hsmdif.v1.Peer', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('hsmdif.v1.Peer', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Peer:
+    """---------------------------------------------------------------- peer service
+    Daemon to daemon over TCP; every call carries proof of the cluster secret.
+
+    """
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdif.v1.Peer/Status',
+            hsmdifd_dot_proto_dot_hsmdif__pb2.PeerStatus.SerializeToString,
+            hsmdifd_dot_proto_dot_hsmdif__pb2.PeerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdif.v1.Peer/SetPolicy',
+            hsmdifd_dot_proto_dot_hsmdif__pb2.Policy.SerializeToString,
+            hsmdifd_dot_proto_dot_hsmdif__pb2.Policy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hsmdif.v1.Peer/Generate',
+            hsmdifd_dot_proto_dot_hsmdif__pb2.GenerateRequest.SerializeToString,
+            hsmdifd_dot_proto_dot_hsmdif__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Load(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hsmdif.v1.Peer/Load',
+            hsmdifd_dot_proto_dot_hsmdif__pb2.LoadRequest.SerializeToString,
+            hsmdifd_dot_proto_dot_hsmdif__pb2.LoadEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdif.v1.Peer/Unload',
+            hsmdifd_dot_proto_dot_hsmdif__pb2.UnloadRequest.SerializeToString,
+            hsmdifd_dot_proto_dot_hsmdif__pb2.UnloadReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,7 @@ class ControlStub:
     Load: _grpc.UnaryStreamMultiCallable[_hsmdif_pb2.LoadRequest, _hsmdif_pb2.LoadEvent]
     Unload: _grpc.UnaryUnaryMultiCallable[_hsmdif_pb2.UnloadRequest, _hsmdif_pb2.UnloadReply]
     Generate: _grpc.UnaryStreamMultiCallable[_hsmdif_pb2.GenerateRequest, _hsmdif_pb2.GenerateEvent]
+    SetPriority: _grpc.UnaryUnaryMultiCallable[_hsmdif_pb2.SetPriorityRequest, _hsmdif_pb2.Policy]
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -62,6 +63,7 @@ class ControlAsyncStub(ControlStub):
     Load: _aio.UnaryStreamMultiCallable[_hsmdif_pb2.LoadRequest, _hsmdif_pb2.LoadEvent]  # type: ignore[assignment]
     Unload: _aio.UnaryUnaryMultiCallable[_hsmdif_pb2.UnloadRequest, _hsmdif_pb2.UnloadReply]  # type: ignore[assignment]
     Generate: _aio.UnaryStreamMultiCallable[_hsmdif_pb2.GenerateRequest, _hsmdif_pb2.GenerateEvent]  # type: ignore[assignment]
+    SetPriority: _aio.UnaryUnaryMultiCallable[_hsmdif_pb2.SetPriorityRequest, _hsmdif_pb2.Policy]  # type: ignore[assignment]
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------- control service"""
@@ -101,7 +103,90 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_hsmdif_pb2.GenerateEvent], _abc.AsyncIterator[_hsmdif_pb2.GenerateEvent]]: ...
 
+    @_abc_1.abstractmethod
+    def SetPriority(
+        self,
+        request: _hsmdif_pb2.SetPriorityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hsmdif_pb2.Policy, _abc.Awaitable[_hsmdif_pb2.Policy]]: ...
+
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class PeerStub:
+    """---------------------------------------------------------------- peer service
+    Daemon to daemon over TCP; every call carries proof of the cluster secret.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> PeerAsyncStub: ...
+    Status: _grpc.UnaryUnaryMultiCallable[_hsmdif_pb2.PeerStatus, _hsmdif_pb2.PeerStatus]
+    """A heartbeat: each side learns the other's status."""
+    SetPolicy: _grpc.UnaryUnaryMultiCallable[_hsmdif_pb2.Policy, _hsmdif_pb2.Policy]
+    Generate: _grpc.UnaryStreamMultiCallable[_hsmdif_pb2.GenerateRequest, _hsmdif_pb2.GenerateEvent]
+    """Requests forwarded to the root."""
+    Load: _grpc.UnaryStreamMultiCallable[_hsmdif_pb2.LoadRequest, _hsmdif_pb2.LoadEvent]
+    Unload: _grpc.UnaryUnaryMultiCallable[_hsmdif_pb2.UnloadRequest, _hsmdif_pb2.UnloadReply]
+
+@_typing.type_check_only
+class PeerAsyncStub(PeerStub):
+    """---------------------------------------------------------------- peer service
+    Daemon to daemon over TCP; every call carries proof of the cluster secret.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Status: _aio.UnaryUnaryMultiCallable[_hsmdif_pb2.PeerStatus, _hsmdif_pb2.PeerStatus]  # type: ignore[assignment]
+    """A heartbeat: each side learns the other's status."""
+    SetPolicy: _aio.UnaryUnaryMultiCallable[_hsmdif_pb2.Policy, _hsmdif_pb2.Policy]  # type: ignore[assignment]
+    Generate: _aio.UnaryStreamMultiCallable[_hsmdif_pb2.GenerateRequest, _hsmdif_pb2.GenerateEvent]  # type: ignore[assignment]
+    """Requests forwarded to the root."""
+    Load: _aio.UnaryStreamMultiCallable[_hsmdif_pb2.LoadRequest, _hsmdif_pb2.LoadEvent]  # type: ignore[assignment]
+    Unload: _aio.UnaryUnaryMultiCallable[_hsmdif_pb2.UnloadRequest, _hsmdif_pb2.UnloadReply]  # type: ignore[assignment]
+
+class PeerServicer(metaclass=_abc_1.ABCMeta):
+    """---------------------------------------------------------------- peer service
+    Daemon to daemon over TCP; every call carries proof of the cluster secret.
+    """
+
+    @_abc_1.abstractmethod
+    def Status(
+        self,
+        request: _hsmdif_pb2.PeerStatus,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hsmdif_pb2.PeerStatus, _abc.Awaitable[_hsmdif_pb2.PeerStatus]]:
+        """A heartbeat: each side learns the other's status."""
+
+    @_abc_1.abstractmethod
+    def SetPolicy(
+        self,
+        request: _hsmdif_pb2.Policy,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hsmdif_pb2.Policy, _abc.Awaitable[_hsmdif_pb2.Policy]]: ...
+
+    @_abc_1.abstractmethod
+    def Generate(
+        self,
+        request: _hsmdif_pb2.GenerateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_hsmdif_pb2.GenerateEvent], _abc.AsyncIterator[_hsmdif_pb2.GenerateEvent]]:
+        """Requests forwarded to the root."""
+
+    @_abc_1.abstractmethod
+    def Load(
+        self,
+        request: _hsmdif_pb2.LoadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_hsmdif_pb2.LoadEvent], _abc.AsyncIterator[_hsmdif_pb2.LoadEvent]]: ...
+
+    @_abc_1.abstractmethod
+    def Unload(
+        self,
+        request: _hsmdif_pb2.UnloadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hsmdif_pb2.UnloadReply, _abc.Awaitable[_hsmdif_pb2.UnloadReply]]: ...
+
+def add_PeerServicer_to_server(servicer: PeerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class EngineStub:
     """---------------------------------------------------------------- engine child"""

@@ -1,0 +1,332 @@
+"""The cluster as this device sees it: membership, the policy, and the root.
+
+Without a cluster secret the device runs alone and is its own root. With one,
+it serves the peer service (see server.py), announces itself over mDNS, heartbeats
+its peers, and every device computes the root from the same inputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from hsmdifd import election
+from hsmdifd.config import Config
+from hsmdifd.discovery import Discovery, Hint, encode_txt
+from hsmdifd.errors import RequestError
+from hsmdifd.membership import PROTOCOL_VERSION, Membership
+from hsmdifd.node import Identity
+from hsmdifd.proto import hsmdif_pb2 as pb
+from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+
+
+def policy_to_pb(policy: election.Policy) -> pb.Policy:
+    return pb.Policy(
+        version=policy.version, order=list(policy.order), by_memory=policy.by_memory_only
+    )
+
+
+def policy_from_pb(message: pb.Policy) -> election.Policy:
+    return election.Policy(
+        version=message.version, order=tuple(message.order), by_memory_only=message.by_memory
+    )
+
+
+def load_policy(path: Path) -> election.Policy:
+    try:
+        data = json.loads(path.read_text())
+        return election.Policy(
+            version=int(data["version"]),
+            order=tuple(str(x) for x in data["order"]),
+            by_memory_only=bool(data["by_memory"]),
+        )
+    except FileNotFoundError:
+        return election.DEFAULT_POLICY
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring %s (%s): using the default policy", path, e)
+        return election.DEFAULT_POLICY
+
+
+def save_policy(path: Path, policy: election.Policy) -> None:
+    tmp = path.with_suffix(".tmp")
+    data = {
+        "version": policy.version,
+        "order": list(policy.order),
+        "by_memory": policy.by_memory_only,
+    }
+    tmp.write_text(json.dumps(data) + "\n")
+    os.replace(tmp, path)
+
+
+class Cluster:
+    def __init__(
+        self,
+        config: Config,
+        identity: Identity,
+        secret: bytes | None,
+        *,
+        busy: Callable[[], bool],
+        model: Callable[[], pb.ModelInfo],
+        declared: dict[str, pb.DeviceProfile] | None = None,
+    ) -> None:
+        self._config = config
+        self.identity = identity
+        self._secret = secret
+        self._busy = busy
+        self._model = model
+        self._declared = declared or {}
+        self._policy_path = config.state_dir / "policy.json"
+        self.policy = load_policy(self._policy_path)
+        self.started_at = time.time()
+        self.device = pb.DeviceProfile(
+            id=identity.node_id, name=identity.name, address=identity.address
+        )
+        self.root_id = identity.node_id
+        self.membership: Membership | None = None
+        self._discovery: Discovery | None = None
+        self.changed = asyncio.Event()
+
+    @property
+    def enabled(self) -> bool:
+        return self._secret is not None
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._secret is None:
+            return
+        timing = self._config.timing
+        self.membership = Membership(
+            node_id=self.identity.node_id,
+            secret=self._secret,
+            local_status=self.local_status,
+            on_change=self._recompute,
+            heartbeat_interval=timing.heartbeat_interval,
+            dead_after=timing.dead_after,
+        )
+        for address in self._config.network.peers:
+            if address != self.identity.address:
+                self.membership.add_address(address)
+        for address, declared in self._declared.items():
+            if address != self.identity.address:
+                self.membership.add_address(address, declared)
+        if self._config.network.mdns:
+            host, port = self.identity.address.rsplit(":", 1)
+            self._discovery = Discovery(
+                instance=f"{self.identity.name}-{self.identity.node_id[:8]}",
+                host=host,
+                port=int(port),
+                txt=self._txt,
+                on_hint=self._on_hint,
+                on_goodbye=self.membership.goodbye,
+                ttl=timing.mdns_ttl,
+            )
+            await self._discovery.start()
+
+    async def stop(self) -> None:
+        if self._discovery is not None:
+            await self._discovery.stop()
+        if self.membership is not None:
+            await self.membership.close()
+
+    def _txt(self) -> dict[str, str]:
+        port = int(self.identity.address.rsplit(":", 1)[1])
+        return encode_txt(
+            node_id=self.identity.node_id,
+            protocol_version=PROTOCOL_VERSION,
+            port=port,
+            memory_mb=self.device.memory_usable_bytes // MIB,
+            speed=self.device.speed,
+            policy=self.policy.version,
+        )
+
+    def _on_hint(self, hint: Hint) -> None:
+        # A hint with our own id from another address is followed too: it may be
+        # a copy of this device's state directory, which must be found out.
+        if hint.address == self.identity.address or self.membership is None:
+            return
+        if hint.protocol_version != PROTOCOL_VERSION:
+            log.debug("%s speaks protocol %d", hint.address, hint.protocol_version)
+        self.membership.add_address(hint.address)
+
+    # ---- this device ---------------------------------------------------------------
+
+    def set_device(self, device: pb.DeviceProfile) -> None:
+        """The latest local figures (measured off the loop by the caller)."""
+        self.device = device
+
+    def local_status(self) -> pb.PeerStatus:
+        device = pb.DeviceProfile()
+        device.CopyFrom(self.device)
+        return pb.PeerStatus(
+            protocol_version=PROTOCOL_VERSION,
+            device=device,
+            policy=policy_to_pb(self.policy),
+            epoch=self.epoch_pb(),
+            generating=self._busy(),
+            started_at=self.started_at,
+            model=self._model(),
+            duplicate_of=self.membership.duplicate_of if self.membership else "",
+        )
+
+    # ---- members, policy and the root ---------------------------------------------
+
+    def members(self) -> list[election.Member]:
+        me = election.Member(
+            self.identity.node_id,
+            self.identity.name,
+            self.identity.address,
+            self.device.memory_total_bytes,
+            election.MemberState.ALIVE,
+        )
+        peers = self.membership.members() if self.membership else []
+        return [me, *(m for m in peers if m.node_id != me.node_id)]
+
+    @property
+    def refused(self) -> str:
+        """The address of the device whose id this one duplicates, or ''."""
+        return self.membership.duplicate_of if self.membership else ""
+
+    @property
+    def is_root(self) -> bool:
+        return self.root_id == self.identity.node_id
+
+    def epoch(self) -> election.Epoch:
+        generation = self.membership.generation if self.membership else 0
+        return election.Epoch(self.policy.version, self.root_id, generation)
+
+    def epoch_pb(self) -> pb.Epoch:
+        e = self.epoch()
+        return pb.Epoch(policy_version=e.policy_version, root_id=e.root_id, generation=e.generation)
+
+    def _recompute(self) -> None:
+        members = self.members()
+        if self.refused:
+            members = [m for m in members if m.node_id != self.identity.node_id]
+        current = self.root_id
+        status = self.membership.status_of(current) if self.membership else None
+        busy = (
+            self._busy() if current == self.identity.node_id else bool(status and status.generating)
+        )
+        root = election.choose_root(members, self.policy, current, busy)
+        new_root = root.node_id if root else self.identity.node_id
+        if new_root != self.root_id:
+            name = root.name if root else self.identity.name
+            log.info("root is now %s (%s)", name, new_root)
+            self.root_id = new_root
+        self.changed.set()
+
+    def adopt_policy(self, message: pb.Policy) -> bool:
+        """Take `message` if it is newer than ours; True when it was."""
+        offered = policy_from_pb(message)
+        if election.newer_policy(self.policy, offered) == self.policy or offered == self.policy:
+            return False
+        self.policy = offered
+        save_policy(self._policy_path, offered)
+        log.info("policy version %d: %s", offered.version, describe_policy(offered))
+        self._recompute()
+        return True
+
+    def observe(self, status: pb.PeerStatus) -> None:
+        """A peer's status (its heartbeat or its answer to ours)."""
+        if self.membership is None:
+            return
+        self.membership.observe(status)
+        if status.policy.version > self.policy.version:
+            self.adopt_policy(status.policy)
+        self._recompute()
+
+    async def set_priority(self, names: list[str], by_memory: bool) -> election.Policy:
+        """Make, persist and push a new policy; RequestError for an unknown device."""
+        if by_memory:
+            order: tuple[str, ...] = ()
+        else:
+            try:
+                order = election.resolve_priority(names, self.members())
+            except election.PriorityError as e:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        policy = election.Policy(self.policy.version + 1, order, by_memory)
+        self.adopt_policy(policy_to_pb(policy))
+        await self.push_policy()
+        return self.policy
+
+    async def push_policy(self) -> None:
+        if self.membership is None:
+            return
+        message = policy_to_pb(self.policy)
+        calls = []
+        for m in self.membership.members():
+            stub = self.membership.stub_for(m.node_id)
+            if m.live and stub is not None:
+                calls.append(stub.SetPolicy(message, timeout=2 * self.membership.interval))
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, BaseException):
+                log.warning("pushing the policy failed for a peer: %s", result)
+
+    def root_stub(self) -> tuple[pb_grpc.PeerAsyncStub, str]:
+        """The stub and name of the root when it is another device."""
+        stub = self.membership.stub_for(self.root_id) if self.membership else None
+        status = self.membership.status_of(self.root_id) if self.membership else None
+        if stub is None or status is None:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the root is not reachable yet; retry")
+        return stub, status.device.name
+
+    def policy_for_people(self) -> pb.Policy:
+        """The policy with the names of the devices it orders."""
+        message = policy_to_pb(self.policy)
+        names = {m.node_id: m.name for m in self.members()}
+        message.order_names.extend(names.get(i, i) for i in self.policy.order)
+        return message
+
+    def root_name(self) -> str:
+        if self.is_root:
+            return self.identity.name
+        status = self.membership.status_of(self.root_id) if self.membership else None
+        return status.device.name if status else self.root_id
+
+    def devices(self) -> list[pb.DeviceProfile]:
+        """Every known device, in priority order, with role, state and rank."""
+        ranked = election.rank(self.members(), self.policy)
+        by_id = {m.node_id: m for m in ranked}
+        out = []
+        for rank, member in enumerate(ranked, 1):
+            if member.node_id == self.identity.node_id:
+                device = pb.DeviceProfile()
+                device.CopyFrom(self.device)
+            else:
+                known = self.membership.device_of(member.node_id) if self.membership else None
+                device = known or pb.DeviceProfile(id=member.node_id)
+            device.rank = rank
+            device.state = by_id[member.node_id].state.value
+            device.role = "root" if member.node_id == self.root_id else "worker"
+            out.append(device)
+        if self.membership is not None:
+            now = time.monotonic()
+            for record in self.membership.records():
+                state = self.membership.state_of(record, now)
+                if record.status is None and state in (
+                    election.MemberState.UNAUTHENTICATED,
+                    election.MemberState.INCOMPATIBLE,
+                    election.MemberState.DEAD,
+                ):
+                    out.append(
+                        pb.DeviceProfile(address=record.address, state=state.value, role="-")
+                    )
+        return out
+
+
+def describe_policy(policy: election.Policy) -> str:
+    if policy.by_memory_only or not policy.order:
+        return "by memory"
+    return "order " + ", ".join(policy.order) + ", then by memory"

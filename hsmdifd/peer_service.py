@@ -1,0 +1,73 @@
+"""The Peer service other daemons call over TCP, every call authenticated."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from hsmdifd import auth
+from hsmdifd.cluster import Cluster, policy_to_pb
+from hsmdifd.control_service import check_generate
+from hsmdifd.errors import RequestError
+from hsmdifd.models import Models
+from hsmdifd.proto import hsmdif_pb2 as pb
+from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class PeerService(pb_grpc.PeerServicer):
+    def __init__(self, cluster: Cluster, models: Models) -> None:
+        self._cluster = cluster
+        self._models = models
+
+    async def Status(self, request: pb.PeerStatus, context: Context) -> pb.PeerStatus:
+        caller = auth.caller_id.get()
+        if request.device.id != caller:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"status for {request.device.id} sent by {caller}",
+            )
+        self._cluster.observe(request)
+        return self._cluster.local_status()
+
+    async def SetPolicy(self, request: pb.Policy, context: Context) -> pb.Policy:
+        if self._cluster.adopt_policy(request):
+            log.info("policy version %d received from %s", request.version, auth.caller_id.get())
+        return policy_to_pb(self._cluster.policy)
+
+    async def _refuse_unless_root(self, context: Context) -> None:
+        if not self._cluster.is_root:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{self._cluster.identity.name} is not the root; the root is "
+                f"{self._cluster.root_name()}",
+            )
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: Context
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        await self._refuse_unless_root(context)
+        try:
+            check_generate(request)
+            async for event in self._models.generate(request):
+                yield event
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+
+    async def Load(self, request: pb.LoadRequest, context: Context) -> AsyncIterator[pb.LoadEvent]:
+        await self._refuse_unless_root(context)
+        try:
+            async for event in self._models.load(request):
+                yield event
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+
+    async def Unload(self, request: pb.UnloadRequest, context: Context) -> pb.UnloadReply:
+        await self._refuse_unless_root(context)
+        return pb.UnloadReply(was_loaded=await self._models.unload())
