@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--quick", action="store_true", help="2 repetitions of 32 tokens")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file to update")
     args = parser.parse_args()
     if args.quick:
         args.reps, args.tokens = 2, 32
@@ -166,9 +167,9 @@ def main() -> None:
     print(
         f"{'time to first token (ms)':<28}{d_ttft:>18.1f}{h_ttft:>18.1f}{h_ttft - d_ttft:>+14.1f}"
     )
-    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results: dict[str, Any] = json.loads(args.results.read_text()) if args.results.exists() else {}
     results["standalone"] = result
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    args.results.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
