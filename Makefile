@@ -47,10 +47,11 @@ $(VENV)/.ready: pyproject.toml | deps
 	    --no-binary llama-cpp-python -w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION); \
 	fi
 	$(PY) -m pip install -q --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
-	@$(PY) -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_rpc() else 1)' || { \
-	  echo "llama-cpp-python was built without RPC; removing $(WHEELS) and stopping: run make again" >&2; \
-	  rm -rf $(WHEELS); exit 1; }
 	$(PY) -m pip install -q -e '.[dev]'
+	@$(PY) -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_rpc() else 3)' || { \
+	  [ $$? != 3 ] || { rm -rf $(WHEELS); \
+	    echo "llama-cpp-python was built without RPC: removed $(WHEELS); run make again to rebuild" >&2; }; \
+	  exit 1; }
 	@touch $@
 
 # The main job: a real daemon in the background on a temporary socket, the bundled
