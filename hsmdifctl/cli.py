@@ -98,6 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("model", nargs="?", default="", metavar="MODEL", help="path to a .gguf file")
     load.add_argument("--max-seq-len", type=positive_int, default=0, metavar="N")
     load.add_argument("--threads", type=positive_int, default=0, metavar="N")
+    load.add_argument("--strategy", choices=["capacity", "latency"], default="")
+
+    plan = sub.add_parser(
+        "plan", parents=[common], help="show how a model would be split, without loading it"
+    )
+    plan.add_argument("model", nargs="?", default="", metavar="MODEL", help="path to a .gguf file")
+    plan.add_argument("--max-seq-len", type=positive_int, default=0, metavar="N")
+    plan.add_argument("--strategy", choices=["capacity", "latency"], default="")
+    plan.add_argument(
+        "--num-parameters",
+        type=float,
+        default=0.0,
+        metavar="N",
+        help="plan a hypothetical model of N parameters (e.g. 30e9), no file needed",
+    )
+    plan.add_argument("--quantize", choices=["4bit", "8bit"], default="")
 
     sub.add_parser("unload", parents=[common], help="unload the model")
 
@@ -109,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = sub.add_parser("prompt", parents=[common], help="answer one prompt")
     prompt.add_argument("text", metavar="TEXT", help="the prompt; - reads it from stdin")
     prompt.add_argument("--raw", action="store_true", help="no chat template")
+    prompt.add_argument(
+        "-v", "--verbose", action="store_true", help="print how the model is split over devices"
+    )
     sampling(prompt)
 
     chat = sub.add_parser("chat", parents=[common], help="an interactive conversation")
@@ -150,10 +169,10 @@ def cmd_devices(s: Session, args: argparse.Namespace) -> None:
 
 
 def cmd_load(s: Session, args: argparse.Namespace) -> None:
-    model = args.model
-    if model and model != "-" and not os.path.isabs(model) and os.path.exists(model):
-        model = os.path.abspath(model)  # the daemon resolves paths from its own directory
-    request = pb.LoadRequest(model_path=model, max_seq_len=args.max_seq_len, threads=args.threads)
+    model = absolute(args.model)
+    request = pb.LoadRequest(
+        model_path=model, max_seq_len=args.max_seq_len, threads=args.threads, strategy=args.strategy
+    )
     progress = render.Progress("Loading")
     try:
         for event in s.stub.Load(request):
@@ -167,6 +186,33 @@ def cmd_load(s: Session, args: argparse.Namespace) -> None:
                     print(render.loaded_text(event.loaded), file=s.out)
     finally:
         progress.clear()
+
+
+def absolute(model: str) -> str:
+    """A relative path that exists here, made absolute: the daemon runs elsewhere."""
+    if model and not os.path.isabs(model) and os.path.exists(model):
+        return os.path.abspath(model)
+    return model
+
+
+def cmd_plan(s: Session, args: argparse.Namespace) -> None:
+    if bool(args.num_parameters) != bool(args.quantize):
+        raise CommandFailed("--num-parameters and --quantize go together")
+    if args.num_parameters and args.model:
+        raise CommandFailed("give a MODEL file or --num-parameters, not both")
+    reply = s.stub.Plan(
+        pb.PlanRequest(
+            model_path=absolute(args.model),
+            max_seq_len=args.max_seq_len,
+            strategy=args.strategy,
+            num_parameters=args.num_parameters,
+            quantize=args.quantize,
+        )
+    )
+    if s.json:
+        render.print_json(render.plan_dict(reply), s.out)
+    else:
+        print(render.plan_text(reply), file=s.out)
 
 
 def cmd_unload(s: Session, args: argparse.Namespace) -> None:
@@ -248,6 +294,9 @@ def cmd_prompt(s: Session, args: argparse.Namespace) -> None:
             s.out.flush()
 
     stats = stream(s, with_sampling(request, args), show)
+    if args.verbose and not s.json:
+        s.out.write("\n")
+        print(render.allocation_text(s.stub.Status(pb.StatusRequest()).model.plan), file=s.err)
     if s.json:
         render.print_json({"text": "".join(pieces), **render.stats_dict(stats)}, s.out)
     else:
@@ -305,6 +354,7 @@ COMMANDS: dict[str, Callable[[Session, argparse.Namespace], None]] = {
     "status": cmd_status,
     "devices": cmd_devices,
     "load": cmd_load,
+    "plan": cmd_plan,
     "unload": cmd_unload,
     "prompt": cmd_prompt,
     "chat": cmd_chat,

@@ -105,6 +105,8 @@ def device_dict(d: pb.DeviceProfile) -> dict[str, Any]:
         "threads": d.threads,
         "figures": "declared" if d.declared else "measured",
         "rank": d.rank or None,
+        "layers": d.layers,
+        "share_bytes": d.share_bytes,
     }
 
 
@@ -126,6 +128,7 @@ def devices_text(devices: list[pb.DeviceProfile]) -> str:
         "SPEED",
         "LOAD",
         "FIGURES",
+        "LAYERS",
     ]
     rows = []
     for d in map(device_dict, devices):
@@ -141,6 +144,7 @@ def devices_text(devices: list[pb.DeviceProfile]) -> str:
                 f"{d['speed']:.1f}",
                 f"{d['load'] * 100:.0f}%",
                 d["figures"],
+                f"{d['layers']} ({d['share_bytes'] // MIB} MiB)" if d["layers"] else "-",
             ]
         )
     return table(rows, header)
@@ -198,3 +202,67 @@ class Progress:
             self._out.write("\r\033[K")
             self._out.flush()
             self._shown = False
+
+
+def plan_dict(plan: pb.PlanReply) -> dict[str, Any]:
+    return {
+        "model": plan.model,
+        "standalone": plan.standalone,
+        "model_bytes": plan.model_bytes,
+        "predicted_tokens_per_s": round(plan.predicted_tokens_per_s, 2),
+        "strategy": plan.strategy,
+        "n_ctx": plan.n_ctx,
+        "n_gpu_layers": plan.n_gpu_layers,
+        "tensor_split": [round(x, 3) for x in plan.tensor_split],
+        "devices": [
+            {
+                "name": d.name,
+                "address": d.address,
+                "id": d.node_id,
+                "layers": d.layers,
+                "first_layer": d.first_layer,
+                "holds_output": d.holds_output,
+                "bytes": d.bytes,
+                "capacity_bytes": d.capacity_bytes,
+                "speed": round(d.speed, 2),
+                "predicted_share": round(d.predicted_share, 3),
+                "endpoint": d.endpoint or None,
+            }
+            for d in plan.devices
+        ],
+    }
+
+
+def plan_text(plan: pb.PlanReply) -> str:
+    where = "on the root alone" if plan.standalone else f"over {len(plan.devices)} devices"
+    header = ["DEVICE", "ADDRESS", "LAYERS", "MEMORY", "CAPACITY", "SPEED", "TIME"]
+    rows = []
+    for d in plan.devices:
+        last = d.first_layer + d.layers - 1
+        layers = f"{d.layers} ({d.first_layer}-{last})" if d.layers else "0"
+        rows.append(
+            [
+                d.name,
+                d.address,
+                layers + (" +output" if d.holds_output and not plan.standalone else ""),
+                f"{d.bytes / MIB:.0f} MiB",
+                f"{d.capacity_bytes / MIB:.0f} MiB",
+                f"{d.speed:.1f}",
+                f"{d.predicted_share * 100:.0f}%",
+            ]
+        )
+    return (
+        f"{plan.model}: {plan.model_bytes / MIB:.0f} MiB of weights, context {plan.n_ctx}, "
+        f"{where} ({plan.strategy} split)\n"
+        + table(rows, header)
+        + f"\npredicted: {plan.predicted_tokens_per_s:.1f} tokens/second"
+    )
+
+
+def allocation_text(plan: pb.PlanReply) -> str:
+    """The seed's lines: "Device 10.0.0.1:9999 allocated 12 layers (Memory: ..., Speed: ...)"."""
+    return "\n".join(
+        f"Device {d.address} allocated {d.layers + d.holds_output} layers "
+        f"(Memory: {d.capacity_bytes // MIB} MB, Speed: {d.speed:.1f})"
+        for d in plan.devices
+    )

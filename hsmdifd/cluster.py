@@ -13,11 +13,12 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from hsmdifd import election
+from hsmdifd import election, planner
 from hsmdifd.config import Config
 from hsmdifd.discovery import Discovery, Hint, encode_txt
 from hsmdifd.errors import RequestError
@@ -29,6 +30,17 @@ from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
+LEASE_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Held:
+    """A lease this root holds on a worker."""
+
+    node_id: str
+    name: str
+    lease_id: str
+    endpoint: str
 
 
 def policy_to_pb(policy: election.Policy) -> pb.Policy:
@@ -211,21 +223,53 @@ class Cluster:
         return pb.Epoch(policy_version=e.policy_version, root_id=e.root_id, generation=e.generation)
 
     def _recompute(self) -> None:
-        members = self.members()
-        if self.refused:
-            members = [m for m in members if m.node_id != self.identity.node_id]
+        """Decide who is root now.
+
+        A live root decides its own succession, since only it knows for sure whether
+        an answer is in flight: the others follow what it announces in its status
+        (its epoch's root). A device that is root itself (or joins) defers to a
+        live root that is busy; otherwise, and when the root is gone, the election
+        decides.
+        """
+        me = self.identity.node_id
+        members = [m for m in self.members() if not (self.refused and m.node_id == me)]
+        live = {m.node_id: m for m in members if m.live}
         current = self.root_id
-        status = self.membership.status_of(current) if self.membership else None
-        busy = (
-            self._busy() if current == self.identity.node_id else bool(status and status.generating)
-        )
-        root = election.choose_root(members, self.policy, current, busy)
-        new_root = root.node_id if root else self.identity.node_id
+        announced = self._announced_root(current, live)
+        if announced is not None:
+            new_root = announced
+        else:
+            busy_roots = [
+                m.node_id
+                for m in election.rank(live.values(), self.policy)
+                if m.node_id != me and self._busy_root(m.node_id)
+            ]
+            if busy_roots:
+                new_root = busy_roots[0]
+            else:
+                keep = current if current in live else None
+                root = election.choose_root(members, self.policy, keep, self._busy())
+                new_root = root.node_id if root else me
         if new_root != self.root_id:
-            name = root.name if root else self.identity.name
+            name = live[new_root].name if new_root in live else new_root
             log.info("root is now %s (%s)", name, new_root)
             self.root_id = new_root
         self.changed.set()
+
+    def _announced_root(self, current: str, live: dict[str, election.Member]) -> str | None:
+        """Whom a live root other than this device names as root, if it is live."""
+        if current == self.identity.node_id or current not in live or self.membership is None:
+            return None
+        status = self.membership.status_of(current)
+        if status is None:
+            return None
+        handed = status.epoch.root_id
+        return handed if handed in live else current
+
+    def _busy_root(self, node_id: str) -> bool:
+        """Whether `node_id` says it is root and has an answer in flight."""
+        status = self.membership.status_of(node_id) if self.membership else None
+        return status is not None and status.epoch.root_id == node_id and status.generating
 
     def adopt_policy(self, message: pb.Policy) -> bool:
         """Take `message` if it is newer than ours; True when it was."""
@@ -288,6 +332,73 @@ class Cluster:
         names = {m.node_id: m.name for m in self.members()}
         message.order_names.extend(names.get(i, i) for i in self.policy.order)
         return message
+
+    # ---- placement: capacities and leases -----------------------------------------
+
+    def capacities(self, extra_local_bytes: int = 0) -> list[planner.DeviceCapacity]:
+        """Live devices for the planner: this device (the root) first, then by priority.
+
+        `extra_local_bytes` is memory here that a reload gives back (the loaded model).
+        """
+        me = self.device
+        out = [
+            planner.DeviceCapacity(
+                node_id=me.id,
+                name=me.name,
+                address=me.address,
+                usable_bytes=me.memory_usable_bytes + extra_local_bytes,
+                speed=me.speed,
+                load=me.load,
+            )
+        ]
+        if self.membership is None:
+            return out
+        for member in election.rank(self.members(), self.policy):
+            device = self.membership.device_of(member.node_id)
+            if member.node_id == me.id or not member.live or device is None:
+                continue
+            out.append(
+                planner.DeviceCapacity(
+                    node_id=member.node_id,
+                    name=member.name,
+                    address=member.address,
+                    usable_bytes=device.memory_usable_bytes,
+                    speed=device.speed,
+                    load=device.load,
+                )
+            )
+        return out
+
+    async def acquire_leases(self, plan: planner.Plan) -> list[Held]:
+        """An RPC endpoint from each remote device of `plan`, in registration order."""
+        held: list[Held] = []
+        for device in plan.rpc_endpoints_order:
+            stub = self.membership.stub_for(device.node_id) if self.membership else None
+            try:
+                if stub is None:
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE, "it is not reachable")
+                lease = await stub.StartRpc(
+                    pb.LeaseRequest(epoch=self.epoch_pb()), timeout=LEASE_TIMEOUT
+                )
+            except (RequestError, grpc.aio.AioRpcError) as e:
+                await self.release_leases(held)
+                reason = str(e) if isinstance(e, RequestError) else e.details()
+                code = e.code if isinstance(e, RequestError) else e.code()
+                raise RequestError(
+                    code, f"{device.name} ({device.address}) gave no RPC endpoint: {reason}"
+                ) from e
+            held.append(Held(device.node_id, device.name, lease.lease_id, lease.endpoint))
+        return held
+
+    async def release_leases(self, held: list[Held]) -> None:
+        for lease in held:
+            stub = self.membership.stub_for(lease.node_id) if self.membership else None
+            if stub is None:
+                continue
+            try:
+                await stub.StopRpc(pb.LeaseEnd(lease_id=lease.lease_id), timeout=LEASE_TIMEOUT)
+            except grpc.aio.AioRpcError as e:
+                log.info("ending the lease on %s: %s", lease.name, e.code().name)
 
     def root_name(self) -> str:
         if self.is_root:

@@ -83,6 +83,8 @@ class ModelConfig:
     max_tokens: int = 512
     keep_alive: float = 0.0
     """Seconds an idle model stays loaded; 0 keeps it loaded until unloaded."""
+    strategy: str = "capacity"
+    """How layers are split over devices: "capacity" or "latency"."""
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,10 @@ def _validate(config: Config, file: str) -> None:
         (config.model.context_length >= 16, "'model.context_length' must be at least 16"),
         (config.model.max_tokens > 0, "'model.max_tokens' must be at least 1"),
         (config.model.keep_alive >= 0, "'model.keep_alive' must be >= 0 (0 keeps models loaded)"),
+        (
+            config.model.strategy in ("capacity", "latency"),
+            '\'model.strategy\' must be "capacity" or "latency"',
+        ),
         (config.timing.heartbeat_interval > 0, "'timing.heartbeat_interval' must be > 0"),
         (
             config.timing.dead_after > config.timing.heartbeat_interval,

@@ -66,10 +66,7 @@ class ControlService(pb_grpc.ControlServicer):
 
     async def Status(self, request: pb.StatusRequest, context: Context) -> pb.StatusReply:
         cluster = self._cluster
-        model = self._models.info
-        if not cluster.is_root:
-            status = cluster.membership.status_of(cluster.root_id) if cluster.membership else None
-            model = status.model if status else pb.ModelInfo()
+        model = self._model_info()
         warning = ""
         if cluster.refused:
             warning = (
@@ -95,7 +92,21 @@ class ControlService(pb_grpc.ControlServicer):
     async def Devices(self, request: pb.DevicesRequest, context: Context) -> pb.DevicesReply:
         device = await asyncio.to_thread(self._device_profile, request.refresh_speed)
         self._cluster.set_device(device)
-        return pb.DevicesReply(devices=self._cluster.devices())
+        devices = self._cluster.devices()
+        shares = {p.node_id: p for p in self._model_info().plan.devices}
+        for d in devices:
+            if d.id in shares:
+                d.layers = shares[d.id].layers + shares[d.id].holds_output
+                d.share_bytes = shares[d.id].bytes
+        return pb.DevicesReply(devices=devices)
+
+    def _model_info(self) -> pb.ModelInfo:
+        """The loaded model, as the root reports it."""
+        cluster = self._cluster
+        if cluster.is_root:
+            return self._models.info
+        status = cluster.membership.status_of(cluster.root_id) if cluster.membership else None
+        return status.model if status else pb.ModelInfo()
 
     async def SetPriority(self, request: pb.SetPriorityRequest, context: Context) -> pb.Policy:
         if not request.by_memory and not request.devices:
@@ -108,6 +119,19 @@ class ControlService(pb_grpc.ControlServicer):
         except RequestError as e:
             await context.abort(e.code, str(e))
         return self._cluster.policy_for_people()
+
+    async def Plan(self, request: pb.PlanRequest, context: Context) -> pb.PlanReply:
+        try:
+            if self._cluster.is_root:
+                return await self._models.describe(request)
+            stub, _ = self._cluster.root_stub()
+            try:
+                return await stub.Plan(request)
+            except grpc.aio.AioRpcError as e:
+                raise _from_root(e, self._cluster.root_name()) from e
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+            raise  # unreachable: abort raises
 
     async def Load(self, request: pb.LoadRequest, context: Context) -> AsyncIterator[pb.LoadEvent]:
         try:

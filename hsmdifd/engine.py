@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,10 @@ from pathlib import Path
 import grpc
 import psutil
 
-from hsmdifd import timing
+from hsmdifd.children import start_child, stop_child
 from hsmdifd.errors import RequestError
 from hsmdifd.gguf_model import ModelShape
+from hsmdifd.planner import Plan
 from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
 
@@ -31,12 +31,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoadSpec:
-    """What to load: a checked model and how to run it."""
+    """What to load: a checked model, how to run it, and where its layers go."""
 
     shape: ModelShape
     context_length: int
     threads: int
-    estimated_bytes: int
+    plan: Plan
+    endpoints: tuple[str, ...] = ()  # leased RPC endpoints, in registration order
+
+    @property
+    def estimated_bytes(self) -> int:
+        return self.plan.total_bytes
 
 
 class _Child:
@@ -51,29 +56,13 @@ class _Child:
     @classmethod
     async def start(cls, socket_path: Path) -> _Child:
         socket_path.unlink(missing_ok=True)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "hsmdifd.engine_child",
-            "--socket",
-            str(socket_path),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        child = cls(proc, socket_path)
-        assert proc.stdout is not None
-        try:
-            line = await asyncio.wait_for(proc.stdout.readline(), timing.ENGINE_START_TIMEOUT)
-        except TimeoutError:
-            line = b""
-        if line.strip() != b"ready":
-            await child.stop()
+        proc = await start_child("hsmdifd.engine_child", "--socket", str(socket_path))
+        if proc is None:
             raise RequestError(
                 grpc.StatusCode.UNAVAILABLE,
-                f"the engine process did not start ({describe_exit(proc.returncode)}); "
-                "see the daemon's log",
+                "the engine process did not start; see the daemon's log",
             )
-        return child
+        return cls(proc, socket_path)
 
     def rss(self) -> int:
         try:
@@ -83,15 +72,7 @@ class _Child:
 
     async def stop(self) -> None:
         await self.channel.close(None)
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), timing.CHILD_STOP_TIMEOUT)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                await self.proc.wait()
+        await stop_child(self.proc)
         self.socket_path.unlink(missing_ok=True)
 
 
@@ -113,8 +94,6 @@ class Engine:
         self._child: _Child | None = None
         self._watch: asyncio.Task[None] | None = None
         self._info = pb.ModelInfo(state=pb.IDLE)
-        self.spec: LoadSpec | None = None
-        self.last_spec: LoadSpec | None = None
 
     @property
     def info(self) -> pb.ModelInfo:
@@ -143,17 +122,21 @@ class Engine:
             n_layer=shape.n_layer,
             estimated_bytes=spec.estimated_bytes,
         )
-        self.last_spec = spec
         try:
             self._child = await _Child.start(self._socket_path)
             request = pb.EngineLoadRequest(
-                model_path=shape.path, context_length=spec.context_length, threads=spec.threads
+                model_path=shape.path,
+                context_length=spec.context_length,
+                threads=spec.threads,
+                rpc_endpoints=spec.endpoints,
             )
+            if spec.endpoints:
+                request.n_gpu_layers = spec.plan.n_gpu_layers
+                request.tensor_split.extend(spec.plan.tensor_split)
             async for event in self._child.stub.Load(request):
                 if event.HasField("loaded"):
                     self._info.MergeFrom(event.loaded)
                     self._info.state = pb.READY
-                    self.spec = spec
                     self._watch = asyncio.create_task(self._watch_child(self._child))
                     yield pb.LoadEvent(loaded=self._info)
                 else:
@@ -191,7 +174,7 @@ class Engine:
                 await asyncio.wait_for(child.proc.wait(), 2.0)
             if child.proc.returncode is not None:
                 return RequestError(
-                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.ABORTED,
                     f"the engine process died while {doing} "
                     f"({describe_exit(child.proc.returncode)}); the model is no longer "
                     "loaded: the next prompt loads it again",
@@ -207,7 +190,6 @@ class Engine:
             )
             self._info.state = pb.FAILED
             self._info.error = f"the engine process died ({reason})"
-            self.spec = None
             await self._stop_child()
 
     async def _stop_child(self) -> None:
@@ -222,7 +204,6 @@ class Engine:
         """End the child; True when a model was loaded."""
         was_loaded = self.state == pb.READY
         await self._stop_child()
-        self.spec = None
         self._info = pb.ModelInfo(state=pb.IDLE)
         return was_loaded
 

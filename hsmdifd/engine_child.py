@@ -84,6 +84,13 @@ def _load(request: pb.EngineLoadRequest, progress: queue.Queue[float]) -> _Loade
 
     # Llama() builds its model parameters from this function and offers no other
     # way to pass a progress callback.
+    split: dict[str, Any] = {}
+    if request.rpc_endpoints:
+        from hsmdifd import rpc
+
+        rpc.require_rpc()
+        rpc.register_servers(request.rpc_endpoints)
+        split = {"n_gpu_layers": request.n_gpu_layers, "tensor_split": list(request.tensor_split)}
     llama_cpp.llama_cpp.llama_model_default_params = params_with_progress
     try:
         llm = llama_cpp.Llama(
@@ -93,6 +100,7 @@ def _load(request: pb.EngineLoadRequest, progress: queue.Queue[float]) -> _Loade
             n_threads_batch=request.threads,
             n_batch=request.batch_size or 512,
             verbose=False,
+            **split,
         )
     finally:
         llama_cpp.llama_cpp.llama_model_default_params = default_params
@@ -237,6 +245,9 @@ def _exit_when_parent_goes() -> None:
 
 
 def main() -> None:
+    # ggml attaches gdb for a backtrace before aborting (a dead RPC worker aborts
+    # this process): slow and noisy, and the daemon reports the death itself.
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
     parser = argparse.ArgumentParser(prog="hsmdifd.engine_child")
     parser.add_argument("--socket", required=True)
     args = parser.parse_args()

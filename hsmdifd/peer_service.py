@@ -12,6 +12,7 @@ from hsmdifd import auth
 from hsmdifd.cluster import Cluster, policy_to_pb
 from hsmdifd.control_service import check_generate
 from hsmdifd.errors import RequestError
+from hsmdifd.leases import Leases
 from hsmdifd.models import Models
 from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
@@ -22,9 +23,10 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class PeerService(pb_grpc.PeerServicer):
-    def __init__(self, cluster: Cluster, models: Models) -> None:
+    def __init__(self, cluster: Cluster, models: Models, leases: Leases) -> None:
         self._cluster = cluster
         self._models = models
+        self._leases = leases
 
     async def Status(self, request: pb.PeerStatus, context: Context) -> pb.PeerStatus:
         caller = auth.caller_id.get()
@@ -71,3 +73,22 @@ class PeerService(pb_grpc.PeerServicer):
     async def Unload(self, request: pb.UnloadRequest, context: Context) -> pb.UnloadReply:
         await self._refuse_unless_root(context)
         return pb.UnloadReply(was_loaded=await self._models.unload())
+
+    async def Plan(self, request: pb.PlanRequest, context: Context) -> pb.PlanReply:
+        await self._refuse_unless_root(context)
+        try:
+            return await self._models.describe(request)
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+            raise  # unreachable: abort raises
+
+    async def StartRpc(self, request: pb.LeaseRequest, context: Context) -> pb.Lease:
+        try:
+            return await self._leases.start(request, auth.caller_id.get() or "")
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+            raise  # unreachable: abort raises
+
+    async def StopRpc(self, request: pb.LeaseEnd, context: Context) -> pb.LeaseEnd:
+        await self._leases.end(request.lease_id)
+        return request

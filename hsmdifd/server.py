@@ -25,6 +25,7 @@ from hsmdifd.config import Config, ConfigError, load_config, with_overrides
 from hsmdifd.control_service import ControlService
 from hsmdifd.devices_file import load_devices_file
 from hsmdifd.engine import Engine
+from hsmdifd.leases import Leases
 from hsmdifd.models import Models
 from hsmdifd.node import Identity, load_identity
 from hsmdifd.peer_service import PeerService
@@ -104,6 +105,7 @@ class Daemon:
         self._owns_socket = False
         self._peer_server: grpc.aio.Server | None = None
         self.cluster: Cluster | None = None
+        self._leases: Leases | None = None
 
     # ---- device figures -------------------------------------------------------------
 
@@ -151,7 +153,6 @@ class Daemon:
         except PermissionError as e:
             raise StartupError(f"cannot create the control socket {path}: {e.strerror}") from e
         engine = Engine(Engine.child_socket(path.parent))
-        models = self._models = Models(config, engine, lambda: self._memory().usable_bytes)
         cluster = self.cluster = Cluster(
             config,
             self.identity,
@@ -160,6 +161,7 @@ class Daemon:
             model=lambda: models.info,
             declared=declared,
         )
+        models = self._models = Models(config, engine, cluster)
         cluster.set_device(await asyncio.to_thread(self.device_profile))
         if secret is not None:
             await self._serve_peers(secret)
@@ -212,7 +214,11 @@ class Daemon:
             interceptors=[AuthServerInterceptor(secret, self.identity.node_id)]
         )
         assert self.cluster is not None
-        pb_grpc.add_PeerServicer_to_server(PeerService(self.cluster, self._models), server)
+        host = self.identity.address.rsplit(":", 1)[0]
+        self._leases = Leases(host, self.config.state_dir / "rpc-cache", self.config.threads)
+        pb_grpc.add_PeerServicer_to_server(
+            PeerService(self.cluster, self._models, self._leases), server
+        )
         target = f"{network.listen_address}:{network.port}"
         try:
             bound = server.add_insecure_port(target)
@@ -235,6 +241,10 @@ class Daemon:
             if not self.cluster.is_root and models.info.state != pb.IDLE and not models.in_flight:
                 log.info("no longer root: unloading %s", models.info.path)
                 await models.unload()
+            if self._leases is not None:
+                await self._leases.holder_gone(
+                    {m.node_id for m in self.cluster.members() if m.live}
+                )
 
     async def _refresh_device(self) -> None:
         """Keep this device's figures current, measured off the loop."""
@@ -296,6 +306,8 @@ class Daemon:
             forced.cancel()
         if self._models is not None:
             await self._models.close()
+        if self._leases is not None:
+            await self._leases.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

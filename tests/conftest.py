@@ -28,6 +28,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny.gguf")
 
 
+def slow_model(directory: Path) -> Path:
+    """A tiny model big enough that a long answer takes a while."""
+    return write_tiny_llama(
+        directory / "slow.gguf", n_layer=4, n_embd=256, n_ff=512, n_ctx_train=2048
+    )
+
+
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
     """A directory with a short path: Unix socket paths are limited to 107 bytes."""

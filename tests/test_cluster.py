@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import Any
 import pytest
 
 from hsmdifd.auth import write_secret_file
-from tests.conftest import Daemon, write_config
+from tests.conftest import Daemon, slow_model, write_config
 from tests.netns import Cluster, Host, require_root_netns
 
 pytestmark = pytest.mark.netns
@@ -287,3 +289,45 @@ def test_root_change_unloads_the_old_roots_model(nodes: Nodes) -> None:
         )
         r = old_root.ctl("prompt", "hi", "--max-tokens", "3", "--json")
         assert r.returncode == 0, r.stderr
+
+
+def test_no_takeover_while_the_root_is_generating(nodes: Nodes, short_dir: Path) -> None:
+    nodes.model = slow_model(short_dir)
+    with Cluster(2) as cluster:
+        daemons = [nodes.start(h, f"h{h.index}") for h in cluster.hosts]
+        wait_until(lambda: agree(daemons), 20, "agreement")
+        root_name = view(daemons[0])["status"]["root"]
+        root = next(d for d in daemons if d.dir.name == root_name)
+        other = next(d for d in daemons if d is not root)
+        assert root.ctl("load", "--max-seq-len", "2048").returncode == 0
+        answer = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hsmdifctl",
+                "--socket",
+                str(other.socket),
+                "prompt",
+                "once",
+                "--raw",
+                "--max-tokens",
+                "2000",
+                "--temperature",
+                "0",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert answer.stdout is not None
+        answer.stdout.read(1)  # the answer is streaming from the root
+        assert other.ctl("devices", "--priority", other.dir.name).returncode == 0
+        # While the answer streams, the root stays where it is on both hosts.
+        deadline = time.monotonic() + 2
+        while answer.poll() is None and time.monotonic() < deadline:
+            assert {view(d)["status"]["root"] for d in daemons} == {root_name}
+        _, err = answer.communicate(timeout=120)
+        assert answer.returncode == 0, err
+        assert "Generated 2000 tokens" in err
+        # Then the device named first takes over.
+        wait_until(lambda: agree(daemons, other.dir.name), 10, "the takeover")

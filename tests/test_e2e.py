@@ -18,8 +18,8 @@ import pytest
 
 from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
-from tests.conftest import Daemon, MakeDaemon, child_pids, run_ctl, run_hsmdifd
-from tests.tinymodel import write_garbage, write_tiny_llama, write_truncated
+from tests.conftest import Daemon, MakeDaemon, child_pids, run_ctl, run_hsmdifd, slow_model
+from tests.tinymodel import write_garbage, write_truncated
 
 
 def status(d: Daemon) -> dict[str, object]:
@@ -312,13 +312,6 @@ def test_sighup_reloads_config(make_daemon: MakeDaemon) -> None:
     r = d.ctl("prompt", "count", "--json", "--temperature", "0")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["completion_tokens"] <= 3
-
-
-def slow_model(directory: Path) -> Path:
-    """A tiny model big enough that a long answer takes a while."""
-    return write_tiny_llama(
-        directory / "slow.gguf", n_layer=4, n_embd=256, n_ff=512, n_ctx_train=2048
-    )
 
 
 def test_engine_killed_mid_generation(make_daemon: MakeDaemon, short_dir: Path) -> None:

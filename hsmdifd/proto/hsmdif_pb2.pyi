@@ -12,7 +12,8 @@ what was wrong and what to do:
   NOT_FOUND            the model file does not exist
   FAILED_PRECONDITION  the file is not a usable GGUF model
   RESOURCE_EXHAUSTED   the model does not fit this device's memory
-  UNAVAILABLE          the engine process died or is shutting down
+  UNAVAILABLE          a device cannot be reached
+  ABORTED              the engine process died (the next request loads the model again)
   CANCELLED            the client went away
 """
 
@@ -75,6 +76,8 @@ class DeviceProfile(_message.Message):
     DECLARED_FIELD_NUMBER: _builtins.int
     MEMORY_LIMIT_BYTES_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
+    LAYERS_FIELD_NUMBER: _builtins.int
+    SHARE_BYTES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     address: _builtins.str
@@ -97,6 +100,10 @@ class DeviceProfile(_message.Message):
     """cgroup limit, 0 when none applies"""
     rank: _builtins.int
     """1 = highest priority"""
+    layers: _builtins.int
+    """layers of the loaded model this device holds"""
+    share_bytes: _builtins.int
+    """estimated memory those layers take here"""
     def __init__(
         self,
         *,
@@ -113,10 +120,12 @@ class DeviceProfile(_message.Message):
         declared: _builtins.bool = ...,
         memory_limit_bytes: _builtins.int = ...,
         rank: _builtins.int = ...,
+        layers: _builtins.int = ...,
+        share_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "declared", b"declared", "id", b"id", "load", b"load", "memory_limit_bytes", b"memory_limit_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_usable_bytes", b"memory_usable_bytes", "name", b"name", "rank", b"rank", "role", b"role", "speed", b"speed", "state", b"state", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "declared", b"declared", "id", b"id", "layers", b"layers", "load", b"load", "memory_limit_bytes", b"memory_limit_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_usable_bytes", b"memory_usable_bytes", "name", b"name", "rank", b"rank", "role", b"role", "share_bytes", b"share_bytes", "speed", b"speed", "state", b"state", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -137,6 +146,7 @@ class ModelInfo(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     LOAD_SECONDS_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
     state: Global___ModelState.ValueType
     path: _builtins.str
     size_bytes: _builtins.int
@@ -151,6 +161,10 @@ class ModelInfo(_message.Message):
     name: _builtins.str
     """general.name from the GGUF header"""
     load_seconds: _builtins.float
+    @_builtins.property
+    def plan(self) -> Global___PlanReply:
+        """how the loaded model is split over devices"""
+
     def __init__(
         self,
         *,
@@ -165,14 +179,151 @@ class ModelInfo(_message.Message):
         error: _builtins.str = ...,
         name: _builtins.str = ...,
         load_seconds: _builtins.float = ...,
+        plan: Global___PlanReply | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "context_length", b"context_length", "error", b"error", "estimated_bytes", b"estimated_bytes", "load_seconds", b"load_seconds", "n_layer", b"n_layer", "name", b"name", "path", b"path", "size_bytes", b"size_bytes", "state", b"state", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "context_length", b"context_length", "error", b"error", "estimated_bytes", b"estimated_bytes", "load_seconds", b"load_seconds", "n_layer", b"n_layer", "name", b"name", "path", b"path", "plan", b"plan", "size_bytes", b"size_bytes", "state", b"state", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class PlanShare(_message.Message):
+    """One device's part of a plan, in pipeline order (the first is the root)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    FIRST_LAYER_FIELD_NUMBER: _builtins.int
+    LAYERS_FIELD_NUMBER: _builtins.int
+    HOLDS_OUTPUT_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
+    PREDICTED_SHARE_FIELD_NUMBER: _builtins.int
+    SPEED_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    address: _builtins.str
+    node_id: _builtins.str
+    first_layer: _builtins.int
+    layers: _builtins.int
+    holds_output: _builtins.bool
+    """computes the logits"""
+    bytes: _builtins.int
+    """estimated memory on the device"""
+    capacity_bytes: _builtins.int
+    """its usable memory when planned"""
+    predicted_share: _builtins.float
+    """fraction of the predicted time per token"""
+    speed: _builtins.float
+    endpoint: _builtins.str
+    """the leased RPC endpoint (empty for the root)"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        address: _builtins.str = ...,
+        node_id: _builtins.str = ...,
+        first_layer: _builtins.int = ...,
+        layers: _builtins.int = ...,
+        holds_output: _builtins.bool = ...,
+        bytes: _builtins.int = ...,
+        capacity_bytes: _builtins.int = ...,
+        predicted_share: _builtins.float = ...,
+        speed: _builtins.float = ...,
+        endpoint: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "bytes", b"bytes", "capacity_bytes", b"capacity_bytes", "endpoint", b"endpoint", "first_layer", b"first_layer", "holds_output", b"holds_output", "layers", b"layers", "name", b"name", "node_id", b"node_id", "predicted_share", b"predicted_share", "speed", b"speed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanShare: _TypeAlias = PlanShare  # noqa: Y015
+
+@_typing.final
+class PlanRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_PATH_FIELD_NUMBER: _builtins.int
+    MAX_SEQ_LEN_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    NUM_PARAMETERS_FIELD_NUMBER: _builtins.int
+    QUANTIZE_FIELD_NUMBER: _builtins.int
+    model_path: _builtins.str
+    """empty: the default model"""
+    max_seq_len: _builtins.int
+    strategy: _builtins.str
+    """"capacity" or "latency"; empty: the configured one"""
+    num_parameters: _builtins.float
+    """with quantize: a hypothetical model, no file"""
+    quantize: _builtins.str
+    """"4bit" or "8bit" """
+    def __init__(
+        self,
+        *,
+        model_path: _builtins.str = ...,
+        max_seq_len: _builtins.int = ...,
+        strategy: _builtins.str = ...,
+        num_parameters: _builtins.float = ...,
+        quantize: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_seq_len", b"max_seq_len", "model_path", b"model_path", "num_parameters", b"num_parameters", "quantize", b"quantize", "strategy", b"strategy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanRequest: _TypeAlias = PlanRequest  # noqa: Y015
+
+@_typing.final
+class PlanReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICES_FIELD_NUMBER: _builtins.int
+    STANDALONE_FIELD_NUMBER: _builtins.int
+    MODEL_BYTES_FIELD_NUMBER: _builtins.int
+    PREDICTED_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    N_CTX_FIELD_NUMBER: _builtins.int
+    N_GPU_LAYERS_FIELD_NUMBER: _builtins.int
+    TENSOR_SPLIT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    standalone: _builtins.bool
+    model_bytes: _builtins.int
+    predicted_tokens_per_s: _builtins.float
+    strategy: _builtins.str
+    n_ctx: _builtins.int
+    n_gpu_layers: _builtins.int
+    model: _builtins.str
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanShare]: ...
+    @_builtins.property
+    def tensor_split(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        devices: _abc.Iterable[Global___PlanShare] | None = ...,
+        standalone: _builtins.bool = ...,
+        model_bytes: _builtins.int = ...,
+        predicted_tokens_per_s: _builtins.float = ...,
+        strategy: _builtins.str = ...,
+        n_ctx: _builtins.int = ...,
+        n_gpu_layers: _builtins.int = ...,
+        tensor_split: _abc.Iterable[_builtins.float] | None = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "model", b"model", "model_bytes", b"model_bytes", "n_ctx", b"n_ctx", "n_gpu_layers", b"n_gpu_layers", "predicted_tokens_per_s", b"predicted_tokens_per_s", "standalone", b"standalone", "strategy", b"strategy", "tensor_split", b"tensor_split"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanReply: _TypeAlias = PlanReply  # noqa: Y015
 
 @_typing.final
 class ChatMessage(_message.Message):
@@ -339,22 +490,26 @@ class LoadRequest(_message.Message):
     MODEL_PATH_FIELD_NUMBER: _builtins.int
     MAX_SEQ_LEN_FIELD_NUMBER: _builtins.int
     THREADS_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
     model_path: _builtins.str
     """empty: the configured default model"""
     max_seq_len: _builtins.int
     """0: the configured context length"""
     threads: _builtins.int
     """0: the configured thread count"""
+    strategy: _builtins.str
+    """"capacity" or "latency"; empty: the configured one"""
     def __init__(
         self,
         *,
         model_path: _builtins.str = ...,
         max_seq_len: _builtins.int = ...,
         threads: _builtins.int = ...,
+        strategy: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_seq_len", b"max_seq_len", "model_path", b"model_path", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_seq_len", b"max_seq_len", "model_path", b"model_path", "strategy", b"strategy", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -682,6 +837,74 @@ class PeerStatus(_message.Message):
 Global___PeerStatus: _TypeAlias = PeerStatus  # noqa: Y015
 
 @_typing.final
+class LeaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    THREADS_FIELD_NUMBER: _builtins.int
+    threads: _builtins.int
+    """0: the worker's configured thread count"""
+    @_builtins.property
+    def epoch(self) -> Global___Epoch:
+        """refused when older than the newest the worker has seen"""
+
+    def __init__(
+        self,
+        *,
+        epoch: Global___Epoch | None = ...,
+        threads: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "threads", b"threads"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseRequest: _TypeAlias = LeaseRequest  # noqa: Y015
+
+@_typing.final
+class Lease(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    endpoint: _builtins.str
+    """host:port of the rpc-worker, open while the lease lasts"""
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "lease_id", b"lease_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Lease: _TypeAlias = Lease  # noqa: Y015
+
+@_typing.final
+class LeaseEnd(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseEnd: _TypeAlias = LeaseEnd  # noqa: Y015
+
+@_typing.final
 class EngineLoadRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -689,10 +912,20 @@ class EngineLoadRequest(_message.Message):
     CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
     THREADS_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    RPC_ENDPOINTS_FIELD_NUMBER: _builtins.int
+    N_GPU_LAYERS_FIELD_NUMBER: _builtins.int
+    TENSOR_SPLIT_FIELD_NUMBER: _builtins.int
     model_path: _builtins.str
     context_length: _builtins.int
     threads: _builtins.int
     batch_size: _builtins.int
+    n_gpu_layers: _builtins.int
+    @_builtins.property
+    def rpc_endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A split plan: RPC endpoints in registration order, the layers they take."""
+
+    @_builtins.property
+    def tensor_split(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     def __init__(
         self,
         *,
@@ -700,10 +933,13 @@ class EngineLoadRequest(_message.Message):
         context_length: _builtins.int = ...,
         threads: _builtins.int = ...,
         batch_size: _builtins.int = ...,
+        rpc_endpoints: _abc.Iterable[_builtins.str] | None = ...,
+        n_gpu_layers: _builtins.int = ...,
+        tensor_split: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "context_length", b"context_length", "model_path", b"model_path", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "context_length", b"context_length", "model_path", b"model_path", "n_gpu_layers", b"n_gpu_layers", "rpc_endpoints", b"rpc_endpoints", "tensor_split", b"tensor_split", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -66,6 +66,11 @@ class ControlStub:
                 request_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.SetPriorityRequest.SerializeToString,
                 response_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.Policy.FromString,
                 _registered_method=True)
+        self.Plan = channel.unary_unary(
+                '/hsmdif.v1.Control/Plan',
+                request_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.PlanRequest.SerializeToString,
+                response_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.PlanReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -109,6 +114,12 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Plan(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +152,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.SetPriority,
                     request_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.SetPriorityRequest.FromString,
                     response_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.Policy.SerializeToString,
+            ),
+            'Plan': grpc.unary_unary_rpc_method_handler(
+                    servicer.Plan,
+                    request_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.PlanRequest.FromString,
+                    response_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.PlanReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -317,6 +333,33 @@ class Control:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Plan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdif.v1.Control/Plan',
+            hsmdifd_dot_proto_dot_hsmdif__pb2.PlanRequest.SerializeToString,
+            hsmdifd_dot_proto_dot_hsmdif__pb2.PlanReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class PeerStub:
     """---------------------------------------------------------------- peer service
@@ -354,6 +397,21 @@ class PeerStub:
                 '/hsmdif.v1.Peer/Unload',
                 request_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.UnloadRequest.SerializeToString,
                 response_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.UnloadReply.FromString,
+                _registered_method=True)
+        self.Plan = channel.unary_unary(
+                '/hsmdif.v1.Peer/Plan',
+                request_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.PlanRequest.SerializeToString,
+                response_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.PlanReply.FromString,
+                _registered_method=True)
+        self.StartRpc = channel.unary_unary(
+                '/hsmdif.v1.Peer/StartRpc',
+                request_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.LeaseRequest.SerializeToString,
+                response_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.Lease.FromString,
+                _registered_method=True)
+        self.StopRpc = channel.unary_unary(
+                '/hsmdif.v1.Peer/StopRpc',
+                request_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.LeaseEnd.SerializeToString,
+                response_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.LeaseEnd.FromString,
                 _registered_method=True)
 
 
@@ -395,6 +453,25 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Plan(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartRpc(self, request, context):
+        """Leases: the root asks a worker for an RPC endpoint holding some layers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopRpc(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -422,6 +499,21 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Unload,
                     request_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.UnloadRequest.FromString,
                     response_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.UnloadReply.SerializeToString,
+            ),
+            'Plan': grpc.unary_unary_rpc_method_handler(
+                    servicer.Plan,
+                    request_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.PlanRequest.FromString,
+                    response_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.PlanReply.SerializeToString,
+            ),
+            'StartRpc': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRpc,
+                    request_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.LeaseRequest.FromString,
+                    response_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.Lease.SerializeToString,
+            ),
+            'StopRpc': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopRpc,
+                    request_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.LeaseEnd.FromString,
+                    response_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.LeaseEnd.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -562,6 +654,87 @@ class Peer:
             '/hsmdif.v1.Peer/Unload',
             hsmdifd_dot_proto_dot_hsmdif__pb2.UnloadRequest.SerializeToString,
             hsmdifd_dot_proto_dot_hsmdif__pb2.UnloadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Plan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdif.v1.Peer/Plan',
+            hsmdifd_dot_proto_dot_hsmdif__pb2.PlanRequest.SerializeToString,
+            hsmdifd_dot_proto_dot_hsmdif__pb2.PlanReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRpc(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdif.v1.Peer/StartRpc',
+            hsmdifd_dot_proto_dot_hsmdif__pb2.LeaseRequest.SerializeToString,
+            hsmdifd_dot_proto_dot_hsmdif__pb2.Lease.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopRpc(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdif.v1.Peer/StopRpc',
+            hsmdifd_dot_proto_dot_hsmdif__pb2.LeaseEnd.SerializeToString,
+            hsmdifd_dot_proto_dot_hsmdif__pb2.LeaseEnd.FromString,
             options,
             channel_credentials,
             insecure,

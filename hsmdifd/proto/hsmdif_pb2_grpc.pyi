@@ -12,7 +12,8 @@ what was wrong and what to do:
   NOT_FOUND            the model file does not exist
   FAILED_PRECONDITION  the file is not a usable GGUF model
   RESOURCE_EXHAUSTED   the model does not fit this device's memory
-  UNAVAILABLE          the engine process died or is shutting down
+  UNAVAILABLE          a device cannot be reached
+  ABORTED              the engine process died (the next request loads the model again)
   CANCELLED            the client went away
 """
 
@@ -52,6 +53,7 @@ class ControlStub:
     Unload: _grpc.UnaryUnaryMultiCallable[_hsmdif_pb2.UnloadRequest, _hsmdif_pb2.UnloadReply]
     Generate: _grpc.UnaryStreamMultiCallable[_hsmdif_pb2.GenerateRequest, _hsmdif_pb2.GenerateEvent]
     SetPriority: _grpc.UnaryUnaryMultiCallable[_hsmdif_pb2.SetPriorityRequest, _hsmdif_pb2.Policy]
+    Plan: _grpc.UnaryUnaryMultiCallable[_hsmdif_pb2.PlanRequest, _hsmdif_pb2.PlanReply]
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -64,6 +66,7 @@ class ControlAsyncStub(ControlStub):
     Unload: _aio.UnaryUnaryMultiCallable[_hsmdif_pb2.UnloadRequest, _hsmdif_pb2.UnloadReply]  # type: ignore[assignment]
     Generate: _aio.UnaryStreamMultiCallable[_hsmdif_pb2.GenerateRequest, _hsmdif_pb2.GenerateEvent]  # type: ignore[assignment]
     SetPriority: _aio.UnaryUnaryMultiCallable[_hsmdif_pb2.SetPriorityRequest, _hsmdif_pb2.Policy]  # type: ignore[assignment]
+    Plan: _aio.UnaryUnaryMultiCallable[_hsmdif_pb2.PlanRequest, _hsmdif_pb2.PlanReply]  # type: ignore[assignment]
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------- control service"""
@@ -110,6 +113,13 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_hsmdif_pb2.Policy, _abc.Awaitable[_hsmdif_pb2.Policy]]: ...
 
+    @_abc_1.abstractmethod
+    def Plan(
+        self,
+        request: _hsmdif_pb2.PlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hsmdif_pb2.PlanReply, _abc.Awaitable[_hsmdif_pb2.PlanReply]]: ...
+
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class PeerStub:
@@ -128,6 +138,10 @@ class PeerStub:
     """Requests forwarded to the root."""
     Load: _grpc.UnaryStreamMultiCallable[_hsmdif_pb2.LoadRequest, _hsmdif_pb2.LoadEvent]
     Unload: _grpc.UnaryUnaryMultiCallable[_hsmdif_pb2.UnloadRequest, _hsmdif_pb2.UnloadReply]
+    Plan: _grpc.UnaryUnaryMultiCallable[_hsmdif_pb2.PlanRequest, _hsmdif_pb2.PlanReply]
+    StartRpc: _grpc.UnaryUnaryMultiCallable[_hsmdif_pb2.LeaseRequest, _hsmdif_pb2.Lease]
+    """Leases: the root asks a worker for an RPC endpoint holding some layers."""
+    StopRpc: _grpc.UnaryUnaryMultiCallable[_hsmdif_pb2.LeaseEnd, _hsmdif_pb2.LeaseEnd]
 
 @_typing.type_check_only
 class PeerAsyncStub(PeerStub):
@@ -143,6 +157,10 @@ class PeerAsyncStub(PeerStub):
     """Requests forwarded to the root."""
     Load: _aio.UnaryStreamMultiCallable[_hsmdif_pb2.LoadRequest, _hsmdif_pb2.LoadEvent]  # type: ignore[assignment]
     Unload: _aio.UnaryUnaryMultiCallable[_hsmdif_pb2.UnloadRequest, _hsmdif_pb2.UnloadReply]  # type: ignore[assignment]
+    Plan: _aio.UnaryUnaryMultiCallable[_hsmdif_pb2.PlanRequest, _hsmdif_pb2.PlanReply]  # type: ignore[assignment]
+    StartRpc: _aio.UnaryUnaryMultiCallable[_hsmdif_pb2.LeaseRequest, _hsmdif_pb2.Lease]  # type: ignore[assignment]
+    """Leases: the root asks a worker for an RPC endpoint holding some layers."""
+    StopRpc: _aio.UnaryUnaryMultiCallable[_hsmdif_pb2.LeaseEnd, _hsmdif_pb2.LeaseEnd]  # type: ignore[assignment]
 
 class PeerServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------- peer service
@@ -185,6 +203,28 @@ class PeerServicer(metaclass=_abc_1.ABCMeta):
         request: _hsmdif_pb2.UnloadRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_hsmdif_pb2.UnloadReply, _abc.Awaitable[_hsmdif_pb2.UnloadReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Plan(
+        self,
+        request: _hsmdif_pb2.PlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hsmdif_pb2.PlanReply, _abc.Awaitable[_hsmdif_pb2.PlanReply]]: ...
+
+    @_abc_1.abstractmethod
+    def StartRpc(
+        self,
+        request: _hsmdif_pb2.LeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hsmdif_pb2.Lease, _abc.Awaitable[_hsmdif_pb2.Lease]]:
+        """Leases: the root asks a worker for an RPC endpoint holding some layers."""
+
+    @_abc_1.abstractmethod
+    def StopRpc(
+        self,
+        request: _hsmdif_pb2.LeaseEnd,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hsmdif_pb2.LeaseEnd, _abc.Awaitable[_hsmdif_pb2.LeaseEnd]]: ...
 
 def add_PeerServicer_to_server(servicer: PeerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -1,0 +1,47 @@
+"""Child processes of the daemon: started as plain subprocesses, never forked.
+
+Each child prints `ready` on stdout when it serves, and exits when its stdin
+(a pipe from the daemon) closes, so it never outlives a daemon that was killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+
+from hsmdifd import timing
+
+
+async def start_child(module: str, *args: str) -> asyncio.subprocess.Process | None:
+    """Run `python -m module args`; the process once it said `ready`, else None (ended)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), timing.ENGINE_START_TIMEOUT)
+    except TimeoutError:
+        line = b""
+    if line.strip() == b"ready":
+        return proc
+    await stop_child(proc)
+    return None
+
+
+async def stop_child(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM, then SIGKILL after CHILD_STOP_TIMEOUT; reaped either way."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), timing.CHILD_STOP_TIMEOUT)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()

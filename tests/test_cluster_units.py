@@ -1,0 +1,151 @@
+"""Cluster pieces without a network: announcements, devices files, membership states."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from hsmdifd.config import ConfigError
+from hsmdifd.devices_file import load_devices_file
+from hsmdifd.discovery import TXT_LIMIT, encode_txt, parse_hint
+from hsmdifd.election import MemberState
+from hsmdifd.membership import PROTOCOL_VERSION, Membership
+from hsmdifd.proto import hsmdif_pb2 as pb
+from tests.conftest import run_ctl
+
+NODE = "6f1c7d3e-0b7a-4a47-9a0e-1d2c3b4a5f60"
+
+
+def test_txt_record_round_trips_under_200_bytes() -> None:
+    txt = encode_txt(
+        node_id=NODE, protocol_version=1, port=9999, memory_mb=123456, speed=17.5, policy=42
+    )
+    assert sum(len(k) + len(v) + 2 for k, v in txt.items()) < TXT_LIMIT
+    hint = parse_hint({k.encode(): v.encode() for k, v in txt.items()}, "10.0.0.5", 9999)
+    assert hint is not None
+    assert (hint.node_id, hint.address, hint.memory_mb, hint.policy_version) == (
+        NODE,
+        "10.0.0.5:9999",
+        123456,
+        42,
+    )
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        {},
+        {b"id": b""},
+        {b"id": NODE.encode(), b"pv": b"one"},
+        {b"id": NODE.encode(), b"pv": b"1", b"port": b"99999"},
+        {b"id": NODE.encode(), b"pv": b"1", b"mem": b"lots"},
+        {b"id": b"\xff\xfe", b"pv": b"1"},
+        {b"id": None, b"pv": b"1"},
+    ],
+)
+def test_malformed_announcements_are_ignored(properties: dict[bytes, bytes | None]) -> None:
+    assert parse_hint(properties, "10.0.0.5", 9999) is None
+
+
+def test_devices_file(tmp_path: Path) -> None:
+    path = tmp_path / "devices.json"
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "address": "10.0.0.1",
+                    "port": 9999,
+                    "total_memory": 8192,
+                    "memfree": 6000,
+                    "speed": 5.0,
+                    "load": 0.1,
+                },
+                {"address": "10.0.0.2"},
+            ]
+        )
+    )
+    devices = load_devices_file(path)
+    first = devices["10.0.0.1:9999"]
+    assert first.memory_total_bytes == 8192 * 1024 * 1024 and first.speed == 5.0
+    assert first.declared
+    assert "10.0.0.2:9999" in devices
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{}", "must hold a list"),
+        ("[{}]", "device 1: needs an 'address'"),
+        ('[{"address": "a", "port": 0}]', "'port' must be a port number"),
+        ('[{"address": "a", "speed": "fast"}]', "'speed' must be a number"),
+        ('[{"address": "a", "colour": 1}]', "unknown keys colour"),
+        ("[", "not a readable devices.json"),
+    ],
+)
+def test_bad_devices_files(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "devices.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_devices_file(path)
+    assert message in str(caught.value) and str(path) in str(caught.value)
+
+
+def status(node_id: str, address: str, protocol: int = PROTOCOL_VERSION) -> pb.PeerStatus:
+    return pb.PeerStatus(
+        protocol_version=protocol,
+        device=pb.DeviceProfile(id=node_id, name=node_id[:4], address=address),
+        started_at=1.0,
+    )
+
+
+def test_membership_states() -> None:
+    async def scenario() -> None:
+        changes: list[int] = []
+        # Loopback addresses only: observing a peer starts heartbeats to it.
+        me = status(NODE, "127.0.0.1:9")
+        m = Membership(
+            node_id=NODE,
+            secret=b"s" * 32,
+            local_status=lambda: me,
+            on_change=lambda: changes.append(1),
+            heartbeat_interval=0.05,
+            dead_after=0.2,
+        )
+        try:
+            m.observe(status("peer-a", "127.0.0.2:9"))
+            m.observe(status("peer-b", "127.0.0.3:9", protocol=PROTOCOL_VERSION + 1))
+            states = {x.node_id: x.state for x in m.members()}
+            assert states == {"peer-a": MemberState.ALIVE}
+            (record,) = [r for r in m.records() if r.address == "127.0.0.3:9"]
+            assert m.state_of(record, 0) is MemberState.INCOMPATIBLE
+            assert m.generation == 1 and changes
+            # No more heartbeats: suspect, then dead.
+            await asyncio.sleep(0.15)
+            assert {x.state for x in m.members()} == {MemberState.SUSPECT}
+            await asyncio.sleep(0.15)
+            m.refresh()
+            assert {x.state for x in m.members()} == {MemberState.DEAD}
+            assert m.generation == 2
+            # A goodbye is immediate.
+            m.observe(status("peer-a", "127.0.0.2:9"))
+            m.goodbye("peer-a")
+            assert {x.state for x in m.members()} == {MemberState.DEAD}
+        finally:
+            await m.close()
+
+    asyncio.run(scenario())
+
+
+def test_cluster_init_writes_a_private_secret(tmp_path: Path) -> None:
+    out = tmp_path / "cluster.secret"
+    r = run_ctl("cluster", "init", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert len(bytes.fromhex(out.read_text().strip())) == 32
+    assert "Copy the same file to every device" in r.stdout
+    again = run_ctl("cluster", "init", "--out", str(out))
+    assert again.returncode == 1 and str(out) in again.stderr

@@ -1,0 +1,283 @@
+"""A model no host can hold alone, split over hosts with cgroup memory limits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hsmdifd.auth import write_secret_file
+from tests.conftest import REPO, Daemon, child_pids, write_config
+from tests.netns import Cluster, Host, require_root_netns
+from tests.test_cluster import agree, view, wait_until
+from tests.tinymodel import write_tiny_llama
+
+pytestmark = pytest.mark.netns
+
+MIB = 1024 * 1024
+LIMIT = 600 * MIB
+PROMPT = "once upon a time"
+
+
+@pytest.fixture(autouse=True)
+def _needs_namespaces() -> None:
+    require_root_netns()
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 690 MB of f32 weights, with feed-forward matrices over the RPC cache's 10 MiB."""
+    return write_tiny_llama(
+        tmp_path_factory.mktemp("big") / "big.gguf",
+        n_layer=14,
+        n_embd=1024,
+        n_ff=2816,
+        n_ctx_train=512,
+        dtype="f32",
+    )
+
+
+def start(host: Host, base: Path, name: str, model: Path, secret: Path) -> Daemon:
+    directory = base / name
+    directory.mkdir()
+    config = write_config(directory / "hsmdifd.toml", model, resources="memory_reserve_mb = 0")
+    d = Daemon(dir=directory, config=config, host=host, mdns=True)
+    d.extra_args = ["--name", name, "--secret-file", str(secret)]
+    d.start()
+    return d
+
+
+@pytest.fixture
+def split_cluster(short_dir: Path, big_model: Path) -> Iterator[tuple[Cluster, list[Daemon]]]:
+    secret = short_dir / "cluster.secret"
+    write_secret_file(secret)
+    with Cluster(3, memory_limit_bytes=LIMIT) as cluster:
+        daemons = [start(h, short_dir, f"h{h.index}", big_model, secret) for h in cluster.hosts]
+        wait_until(lambda: agree(daemons), 30, "agreement")
+        yield cluster, daemons
+        for d in daemons:
+            if d.proc is not None and d.proc.poll() is None:
+                d.stop()
+
+
+def root_of(daemons: list[Daemon]) -> Daemon:
+    name = view(daemons[0])["status"]["root"]
+    return next(d for d in daemons if d.dir.name == name)
+
+
+def prompt(d: Daemon, tokens: int = 12) -> dict[str, object]:
+    r = d.ctl(
+        "prompt", PROMPT, "--raw", "--temperature", "0", "--max-tokens", str(tokens), "--json"
+    )
+    assert r.returncode == 0, r.stderr
+    answer: dict[str, object] = json.loads(r.stdout)
+    return answer
+
+
+def test_split_over_hosts_matches_llama_cpp_rpc_by_hand(
+    split_cluster: tuple[Cluster, list[Daemon]], big_model: Path
+) -> None:
+    cluster, daemons = split_cluster
+    root = root_of(daemons)
+    r = root.ctl("plan", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert not plan["standalone"] and len(plan["devices"]) >= 2
+    for device in plan["devices"]:
+        assert device["bytes"] <= device["capacity_bytes"]
+    assert sum(d["layers"] for d in plan["devices"]) == 14
+    assert plan["model_bytes"] > LIMIT
+
+    r = root.ctl("load")
+    assert r.returncode == 0, r.stderr
+    held = {d["name"]: d["layers"] for d in view(root)["devices"] if d["layers"]}
+    assert len(held) >= 2, held
+    answer = prompt(root, 16)
+    text = str(answer["text"])
+    assert text and answer["completion_tokens"] == 16
+
+    # The same split driven by hand: fresh rpc-workers on the same hosts.
+    loaded = json.loads(root.ctl("--json", "status").stdout)["model"]
+    assert root.ctl("unload").returncode == 0
+    info = json.loads(root.ctl("plan", "--json").stdout)
+    by_name = {h: cluster.hosts[int(h[1:])] for h in (d["name"] for d in info["devices"])}
+    workers, endpoints = [], []
+    try:
+        for device in info["devices"][1:]:
+            host = by_name[device["name"]]
+            port = free_port_in(host)
+            endpoint = f"{host.address}:{port}"
+            proc = host.popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "hsmdifd.rpc_worker",
+                    "--endpoint",
+                    endpoint,
+                    "--threads",
+                    "2",
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                cwd=REPO,
+            )
+            assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+            workers.append(proc)
+            endpoints += ["--endpoint", endpoint]
+        root_host = by_name[info["devices"][0]["name"]]
+        split = [str(x) for x in info["tensor_split"]]
+        oracle = root_host.run(
+            [
+                sys.executable,
+                "-m",
+                "tests.oracle_client",
+                str(big_model),
+                PROMPT,
+                *endpoints,
+                "--n-gpu-layers",
+                str(info["n_gpu_layers"]),
+                "--split",
+                *split,
+                "--n-ctx",
+                str(loaded["context_length"]),
+                "--tokens",
+                "16",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=300,
+            check=False,
+        )
+    finally:
+        for proc in workers:
+            proc.kill()
+            proc.wait()
+    assert oracle.returncode == 0, oracle.stderr[-2000:]
+    assert oracle.stdout == text
+
+
+def free_port_in(host: Host) -> int:
+    r = host.run(
+        [
+            sys.executable,
+            "-c",
+            f"from hsmdifd.rpc import free_port; print(free_port({host.address!r}))",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
+    return int(r.stdout)
+
+
+def test_one_host_alone_refuses_and_keeps_running(short_dir: Path, big_model: Path) -> None:
+    secret = short_dir / "cluster.secret"
+    write_secret_file(secret)
+    with Cluster(1, memory_limit_bytes=LIMIT) as cluster:
+        d = start(cluster.hosts[0], short_dir, "alone", big_model, secret)
+        r = d.ctl("load")
+        assert r.returncode == 1
+        assert "does not fit" in r.stderr and "MiB" in r.stderr, r.stderr
+        r = d.ctl("plan")
+        assert r.returncode == 1 and "does not fit" in r.stderr
+        assert d.proc is not None and d.proc.poll() is None
+        assert view(d)["status"]["role"] == "root"
+        d.stop()
+
+
+def test_worker_killed_mid_generation(split_cluster: tuple[Cluster, list[Daemon]]) -> None:
+    _, daemons = split_cluster
+    root = root_of(daemons)
+    assert root.ctl("load").returncode == 0
+    shares = {d["name"]: d for d in view(root)["devices"] if d["layers"]}
+    worker = next(d for d in daemons if d.dir.name in shares and d is not root)
+    assert worker.proc is not None
+    (rpc_worker,) = child_pids(worker.proc.pid)
+    answer = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hsmdifctl",
+            "--socket",
+            str(root.socket),
+            "prompt",
+            PROMPT,
+            "--raw",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "400",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert answer.stdout is not None
+    answer.stdout.read(1)  # the answer has started
+    psutil.Process(rpc_worker).kill()
+    _, err = answer.communicate(timeout=120)
+    assert answer.returncode == 1
+    assert "engine process died" in err and worker.dir.name in err, err
+    assert all(d.proc is not None and d.proc.poll() is None for d in daemons)
+    # The next prompt plans again over what is left and works.
+    again = prompt(root, 8)
+    assert again["completion_tokens"] == 8
+
+
+def test_reload_uses_the_tensor_cache(split_cluster: tuple[Cluster, list[Daemon]]) -> None:
+    _, daemons = split_cluster
+    root = root_of(daemons)
+    first = json.loads(root.ctl("--json", "load").stdout)
+    assert root.ctl("unload").returncode == 0
+    second = json.loads(root.ctl("--json", "load").stdout)
+    workers = [d for d in daemons if d is not root]
+    cached = [p for d in workers for p in (d.state_dir / "rpc-cache").glob("*") if p.is_file()]
+    assert cached, "the rpc-workers keep weights over 10 MiB in their cache"
+    print(
+        f"load {first['load_seconds']:.2f} s, reload {second['load_seconds']:.2f} s "
+        f"({first['load_seconds'] / second['load_seconds']:.2f}x)"
+    )
+
+
+INTRUDER = """
+import asyncio, sys, grpc
+from hsmdifd import auth
+from hsmdifd.proto import hsmdif_pb2 as pb, hsmdif_pb2_grpc as pb_grpc
+
+async def ask():
+    interceptors = auth.client_interceptors(auth.generate_secret(), "intruder")
+    async with grpc.aio.insecure_channel(sys.argv[1], interceptors=interceptors) as channel:
+        epoch = pb.Epoch(policy_version=99, root_id="intruder", generation=99)
+        try:
+            await pb_grpc.PeerStub(channel).StartRpc(pb.LeaseRequest(epoch=epoch), timeout=10)
+        except grpc.aio.AioRpcError as e:
+            return e.code().name
+    return "OK"
+
+print(asyncio.run(ask()))
+"""
+
+
+def test_wrong_secret_never_gets_a_lease(split_cluster: tuple[Cluster, list[Daemon]]) -> None:
+    cluster, daemons = split_cluster
+    worker = daemons[1]
+    assert worker.proc is not None
+    before = child_pids(worker.proc.pid)
+    # From another host on the same network, with a secret of its own.
+    r = cluster.hosts[2].run(
+        [sys.executable, "-c", INTRUDER, f"{cluster.hosts[1].address}:9999"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+    assert r.stdout.strip() == "UNAUTHENTICATED", r.stderr
+    assert child_pids(worker.proc.pid) == before, "no rpc-worker was started"
