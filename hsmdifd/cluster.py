@@ -335,18 +335,24 @@ class Cluster:
 
     # ---- placement: capacities and leases -----------------------------------------
 
-    def capacities(self, extra_local_bytes: int = 0) -> list[planner.DeviceCapacity]:
+    def capacities(
+        self, extra_local_bytes: int = 0, credit: dict[str, int] | None = None
+    ) -> list[planner.DeviceCapacity]:
         """Live devices for the planner: this device (the root) first, then by priority.
 
-        `extra_local_bytes` is memory here that a reload gives back (the loaded model).
+        `extra_local_bytes` is memory here that a reload gives back (the loaded model),
+        `credit` the same on workers, by node id (the layers they hold for us).
         """
+        credit = credit or {}
         me = self.device
         out = [
             planner.DeviceCapacity(
                 node_id=me.id,
                 name=me.name,
                 address=me.address,
-                usable_bytes=me.memory_usable_bytes + extra_local_bytes,
+                usable_bytes=_capped(
+                    me.memory_usable_bytes + extra_local_bytes, me.memory_total_bytes
+                ),
                 speed=me.speed,
                 load=me.load,
             )
@@ -362,7 +368,10 @@ class Cluster:
                     node_id=member.node_id,
                     name=member.name,
                     address=member.address,
-                    usable_bytes=device.memory_usable_bytes,
+                    usable_bytes=_capped(
+                        device.memory_usable_bytes + credit.get(member.node_id, 0),
+                        device.memory_total_bytes,
+                    ),
                     speed=device.speed,
                     load=device.load,
                 )
@@ -435,6 +444,10 @@ class Cluster:
                         pb.DeviceProfile(address=record.address, state=state.value, role="-")
                     )
         return out
+
+
+def _capped(usable: int, total: int) -> int:
+    return min(usable, total) if total else usable
 
 
 def describe_policy(policy: election.Policy) -> str:

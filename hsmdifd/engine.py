@@ -64,11 +64,15 @@ class _Child:
             )
         return cls(proc, socket_path)
 
-    def rss(self) -> int:
+    def private_bytes(self) -> int:
+        """Resident memory that ending the child gives back: its RSS less file-backed
+        pages (the mapped model file stays in the page cache, and may be charged to
+        whoever read it first)."""
         try:
-            return int(psutil.Process(self.proc.pid).memory_info().rss)
+            info = psutil.Process(self.proc.pid).memory_info()
         except psutil.Error:
             return 0
+        return max(0, int(info.rss) - int(getattr(info, "shared", 0)))
 
     async def stop(self) -> None:
         await self.channel.close(None)
@@ -104,8 +108,8 @@ class Engine:
         return self._info.state
 
     def footprint(self) -> int:
-        """Resident bytes of the loaded model's process (0 when none)."""
-        return self._child.rss() if self._child else 0
+        """Memory the loaded model gives back when it is replaced (0 when none)."""
+        return self._child.private_bytes() if self._child else 0
 
     async def load(self, spec: LoadSpec) -> AsyncIterator[pb.LoadEvent]:
         """Replace whatever is loaded by `spec`, yielding progress, then the model."""

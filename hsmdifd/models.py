@@ -88,6 +88,7 @@ class Models:
         self._idle_task: asyncio.Task[None] | None = None
         self._held: list[Held] = []
         self._last_request: pb.LoadRequest | None = None
+        self._loaded: tuple[ModelShape, planner.Plan, tuple[int, int]] | None = None
         self.in_flight = 0
 
     @property
@@ -130,7 +131,8 @@ class Models:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"--max-seq-len {n_ctx} is too small: give at least 16 tokens",
             )
-        devices = self._cluster.capacities(extra_local)
+        credit = {p.node_id: p.bytes for p in self._engine.info.plan.devices[1:]}
+        devices = self._cluster.capacities(extra_local, credit)
         if len(devices) == 1:
             estimate = estimate_memory(shape, n_ctx)
             usable = devices[0].usable_bytes
@@ -200,6 +202,8 @@ class Models:
         except BaseException:
             await self._release()
             raise
+        epoch = self._cluster.epoch()
+        self._loaded = (shape, plan, (epoch.policy_version, epoch.generation))
         log.info("loaded %s in %.2f s", shape.path, self.info.load_seconds)
 
     async def _name_lost_worker(self, error: RequestError) -> RequestError:
@@ -218,6 +222,7 @@ class Models:
         await self._cluster.release_leases(held)
 
     async def _unload(self) -> bool:
+        self._loaded = None
         was_loaded = await self._engine.unload()
         await self._release()
         return was_loaded
@@ -259,6 +264,32 @@ class Models:
                 if self._held and not self.placed_on <= live:
                     log.warning("a device holding layers is gone: unloading to re-plan")
                     await self._unload()
+
+    async def replan(self) -> None:
+        """Reload when the policy or the membership changed and a fresh plan would use
+        other devices (a device that would give a better plan joined, say). Only idle:
+        never while an answer is in flight."""
+        if self._loaded is None or self.in_flight or self._lock.locked():
+            return
+        shape, plan, seen = self._loaded
+        epoch = self._cluster.epoch()
+        if (epoch.policy_version, epoch.generation) == seen or self._last_request is None:
+            return
+        self._loaded = (shape, plan, (epoch.policy_version, epoch.generation))
+        request = self._last_request
+        try:
+            fresh = self.plan(shape, plan.n_ctx, request.strategy, self._engine.footprint())
+        except RequestError:
+            return  # what is loaded keeps working; a prompt will say what is wrong
+        before = [s.device.node_id for s in plan.shares]
+        after = [s.device.node_id for s in fresh.shares]
+        if before == after:
+            return
+        log.info("re-planning %s: %s instead of %s", shape.path, after, before)
+        async with self._lock:
+            if not self.in_flight:
+                async for _ in self._load(request):
+                    pass
 
     def _arm_idle_timer(self) -> None:
         self._cancel_idle_timer()

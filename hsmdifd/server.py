@@ -232,19 +232,28 @@ class Daemon:
         self._peer_server = server
 
     async def _follow_root(self) -> None:
-        """A device that stops being root unloads its model once it is idle."""
+        """Follow the cluster: end leases of a root that is gone, unload when no longer
+        root, re-plan when a device holding layers left or a better plan appeared."""
         assert self.cluster is not None and self._models is not None
         while True:
             await self.cluster.changed.wait()
             self.cluster.changed.clear()
-            models = self._models
-            if not self.cluster.is_root and models.info.state != pb.IDLE and not models.in_flight:
+            try:
+                await self._follow_change(self.cluster, self._models)
+            except Exception:
+                log.exception("following a change in the cluster failed")
+
+    async def _follow_change(self, cluster: Cluster, models: Models) -> None:
+        live = {m.node_id for m in cluster.members() if m.live}
+        if self._leases is not None:
+            await self._leases.holder_gone(live)
+        if not cluster.is_root:
+            if models.info.state != pb.IDLE and not models.in_flight:
                 log.info("no longer root: unloading %s", models.info.path)
                 await models.unload()
-            if self._leases is not None:
-                await self._leases.holder_gone(
-                    {m.node_id for m in self.cluster.members() if m.live}
-                )
+            return
+        await models.lost_devices(live)
+        await models.replan()
 
     async def _refresh_device(self) -> None:
         """Keep this device's figures current, measured off the loop."""

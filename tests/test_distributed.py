@@ -281,3 +281,19 @@ def test_wrong_secret_never_gets_a_lease(split_cluster: tuple[Cluster, list[Daem
     )
     assert r.stdout.strip() == "UNAUTHENTICATED", r.stderr
     assert child_pids(worker.proc.pid) == before, "no rpc-worker was started"
+
+
+def test_policy_change_re_plans_when_idle(split_cluster: tuple[Cluster, list[Daemon]]) -> None:
+    _, daemons = split_cluster
+    root = root_of(daemons)
+    assert root.ctl("load").returncode == 0
+
+    def holders() -> set[str]:
+        return {d["name"] for d in view(root)["devices"] if d["layers"]}
+
+    used = holders() - {root.dir.name}
+    spare = next(d.dir.name for d in daemons if d is not root and d.dir.name not in used)
+    r = root.ctl("devices", "--priority", root.dir.name, spare)
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: holders() == {root.dir.name, spare}, 60, f"the layers moving to {spare}")
+    assert prompt(root, 4)["completion_tokens"] == 4
