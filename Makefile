@@ -68,7 +68,7 @@ demo: venv
 	echo "== hsmdifd is running (pid $$pid, socket $$tmp/control.sock)"; \
 	$$ctl load; \
 	echo "== hsmdifctl prompt \"$(DEMO_PROMPT)\""; \
-	$$ctl prompt "$(DEMO_PROMPT)"; \
+	$$ctl prompt "$(DEMO_PROMPT)" --max-tokens 64; \
 	echo "== stopping hsmdifd"
 
 check: lint types unit

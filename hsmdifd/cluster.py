@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from hsmdifd import election, planner
+from hsmdifd import election, planner, timing
 from hsmdifd.config import Config
 from hsmdifd.discovery import Discovery, Hint, encode_txt
 from hsmdifd.errors import RequestError
@@ -30,7 +30,6 @@ from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
-LEASE_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -387,7 +386,7 @@ class Cluster:
                 if stub is None:
                     raise RequestError(grpc.StatusCode.UNAVAILABLE, "it is not reachable")
                 lease = await stub.StartRpc(
-                    pb.LeaseRequest(epoch=self.epoch_pb()), timeout=LEASE_TIMEOUT
+                    pb.LeaseRequest(epoch=self.epoch_pb()), timeout=timing.LEASE_TIMEOUT
                 )
             except (RequestError, grpc.aio.AioRpcError) as e:
                 await self.release_leases(held)
@@ -405,7 +404,9 @@ class Cluster:
             if stub is None:
                 continue
             try:
-                await stub.StopRpc(pb.LeaseEnd(lease_id=lease.lease_id), timeout=LEASE_TIMEOUT)
+                await stub.StopRpc(
+                    pb.LeaseEnd(lease_id=lease.lease_id), timeout=timing.LEASE_TIMEOUT
+                )
             except grpc.aio.AioRpcError as e:
                 log.info("ending the lease on %s: %s", lease.name, e.code().name)
 

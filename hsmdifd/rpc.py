@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from hsmdifd import timing
+
 log = logging.getLogger(__name__)
 
 REBUILD_HINT = (
@@ -34,7 +36,6 @@ REBUILD_HINT = (
     "--no-cache-dir --no-binary llama-cpp-python llama-cpp-python==0.3.36 (or run `make venv`)"
 )
 
-CONNECT_TIMEOUT = 5.0
 """Seconds `register_servers` waits for each endpoint to accept a TCP connection."""
 
 # The sonames libllama.so links (`readelf -d libllama.so`: NEEDED); the registry
@@ -225,7 +226,7 @@ def register_servers(endpoints: Sequence[str]) -> None:
     for endpoint in endpoints:
         host, port = parse_endpoint(endpoint)
         try:
-            with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT):
+            with socket.create_connection((host, port), timeout=timing.RPC_CONNECT_TIMEOUT):
                 pass
         except OSError as e:
             raise RpcServerUnreachable(endpoint, e.strerror or str(e)) from e

@@ -21,11 +21,10 @@ from typing import TextIO
 
 import psutil
 
-from hsmdifd import rpc
+from hsmdifd import rpc, timing
 
 log = logging.getLogger("hsmdifd.rpc_worker")
 
-LISTEN_TIMEOUT = 30.0
 """Seconds the server gets to start listening before the worker gives up."""
 _LISTEN_POLL = 0.01
 
@@ -95,10 +94,12 @@ def main(argv: list[str] | None = None) -> None:
         target=_serve, args=(args.endpoint, args.cache_dir, args.threads), name="rpc", daemon=True
     )
     server.start()
-    if not _wait_listening(port, server, LISTEN_TIMEOUT):
+    if not _wait_listening(port, server, timing.RPC_LISTEN_TIMEOUT):
         if server.is_alive():  # else it has said why
             log.error(
-                "the RPC server is not listening on %s after %.0f s", args.endpoint, LISTEN_TIMEOUT
+                "the RPC server is not listening on %s after %.0f s",
+                args.endpoint,
+                timing.RPC_LISTEN_TIMEOUT,
             )
         os._exit(1)
     print("ready", file=out, flush=True)

@@ -20,5 +20,11 @@ ENGINE_START_TIMEOUT = 30.0
 """Seconds the engine child gets to open its socket."""
 DEVICE_REFRESH = 2.0
 """Seconds between measurements of this device's free memory and load."""
+LEASE_TIMEOUT = 30.0
+"""Seconds the root waits for a worker to start (or end) an RPC lease."""
+RPC_CONNECT_TIMEOUT = 5.0
+"""Seconds to reach an RPC endpoint before registering it with llama.cpp."""
+RPC_LISTEN_TIMEOUT = 30.0
+"""Seconds an rpc-worker gets to start listening."""
 WATCHDOG_FRACTION = 0.5
 """WATCHDOG=1 is sent at this fraction of WATCHDOG_USEC."""
