@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
+from typing import NoReturn
 
 from hsmdifd import timing
 
@@ -45,3 +47,12 @@ async def stop_child(proc: asyncio.subprocess.Process) -> None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+
+
+def exit_when_parent_goes() -> NoReturn:
+    """In a child: block until stdin (the pipe from the daemon) closes, then exit."""
+    try:
+        while sys.stdin.buffer.read(4096):
+            pass
+    finally:
+        os._exit(0)

@@ -16,7 +16,6 @@ import logging
 import os
 import queue
 import random
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from typing import Any
 
 import grpc
 
+from hsmdifd.children import exit_when_parent_goes
 from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
 
@@ -235,15 +235,6 @@ def _generate(
     )
 
 
-def _exit_when_parent_goes() -> None:
-    """Exit as soon as stdin (a pipe from the daemon) closes."""
-    try:
-        while sys.stdin.buffer.read(4096):
-            pass
-    finally:
-        os._exit(0)
-
-
 def main() -> None:
     # ggml attaches gdb for a backtrace before aborting (a dead RPC worker aborts
     # this process): slow and noisy, and the daemon reports the death itself.
@@ -257,7 +248,7 @@ def main() -> None:
     server.add_insecure_port(f"unix:{args.socket}")
     server.start()
     print("ready", flush=True)
-    _exit_when_parent_goes()
+    exit_when_parent_goes()
 
 
 if __name__ == "__main__":

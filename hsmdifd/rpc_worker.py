@@ -22,6 +22,7 @@ from typing import TextIO
 import psutil
 
 from hsmdifd import rpc, timing
+from hsmdifd.children import exit_when_parent_goes
 
 log = logging.getLogger("hsmdifd.rpc_worker")
 
@@ -54,15 +55,6 @@ def _serve(endpoint: str, cache_dir: Path | None, threads: int) -> None:
         log.error("%s", e)
 
 
-def _exit_when_parent_goes() -> None:
-    """Exit as soon as stdin (a pipe from the daemon) closes."""
-    try:
-        while sys.stdin.buffer.read(4096):
-            pass
-    finally:
-        os._exit(0)
-
-
 def _private_stdout() -> TextIO:
     """Keep stdout for the `ready` line; what ggml prints there goes to stderr instead."""
     sys.stdout.flush()
@@ -89,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, rpc.RpcError) as e:
         log.error("%s", e)
         sys.exit(2)
-    threading.Thread(target=_exit_when_parent_goes, name="stdin", daemon=True).start()
+    threading.Thread(target=exit_when_parent_goes, name="stdin", daemon=True).start()
     server = threading.Thread(
         target=_serve, args=(args.endpoint, args.cache_dir, args.threads), name="rpc", daemon=True
     )

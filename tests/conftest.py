@@ -120,6 +120,16 @@ class Daemon:
     ) -> subprocess.CompletedProcess[str]:
         return run_ctl("--socket", str(self.socket), *args, input=input, timeout=timeout)
 
+    def ctl_popen(self, *args: str) -> subprocess.Popen[str]:
+        """hsmdifctl in the background, its stdin, stdout and stderr as text pipes."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "hsmdifctl", "--socket", str(self.socket), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
     def stop(self, timeout: float = 20) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -300,24 +298,14 @@ def test_no_takeover_while_the_root_is_generating(nodes: Nodes, short_dir: Path)
         root = next(d for d in daemons if d.dir.name == root_name)
         other = next(d for d in daemons if d is not root)
         assert root.ctl("load", "--max-seq-len", "2048").returncode == 0
-        answer = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "hsmdifctl",
-                "--socket",
-                str(other.socket),
-                "prompt",
-                "once",
-                "--raw",
-                "--max-tokens",
-                "2000",
-                "--temperature",
-                "0",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        answer = other.ctl_popen(
+            "prompt",
+            "once",
+            "--raw",
+            "--max-tokens",
+            "2000",
+            "--temperature",
+            "0",
         )
         assert answer.stdout is not None
         answer.stdout.read(1)  # the answer is streaming from the root

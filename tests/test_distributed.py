@@ -200,24 +200,14 @@ def test_worker_killed_mid_generation(split_cluster: tuple[Cluster, list[Daemon]
     worker = next(d for d in daemons if d.dir.name in shares and d is not root)
     assert worker.proc is not None
     (rpc_worker,) = child_pids(worker.proc.pid)
-    answer = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hsmdifctl",
-            "--socket",
-            str(root.socket),
-            "prompt",
-            PROMPT,
-            "--raw",
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "400",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    answer = root.ctl_popen(
+        "prompt",
+        PROMPT,
+        "--raw",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "400",
     )
     assert answer.stdout is not None
     answer.stdout.read(1)  # the answer has started

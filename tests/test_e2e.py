@@ -358,24 +358,14 @@ def test_sigterm_during_generation_ends_cleanly(make_daemon: MakeDaemon, short_d
     d.start()
     assert d.ctl("load", "--max-seq-len", "2048").returncode == 0
     children = child_pids(d.proc.pid)  # type: ignore[union-attr]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hsmdifctl",
-            "--socket",
-            str(d.socket),
-            "prompt",
-            "once",
-            "--raw",
-            "--max-tokens",
-            "2000",
-            "--temperature",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = d.ctl_popen(
+        "prompt",
+        "once",
+        "--raw",
+        "--max-tokens",
+        "2000",
+        "--temperature",
+        "0",
     )
     assert proc.stdout is not None
     proc.stdout.read(1)  # the answer has started
@@ -393,23 +383,12 @@ def test_chat_ctrl_c_stops_the_answer_not_the_chat(
     d = make_daemon(model=slow_model(short_dir))
     d.start()
     assert d.ctl("load", "--max-seq-len", "2048").returncode == 0
-    chat = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hsmdifctl",
-            "--socket",
-            str(d.socket),
-            "chat",
-            "--max-tokens",
-            "1500",
-            "--temperature",
-            "0",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    chat = d.ctl_popen(
+        "chat",
+        "--max-tokens",
+        "1500",
+        "--temperature",
+        "0",
     )
     assert chat.stdin is not None and chat.stdout is not None
     chat.stdin.write("tell me everything\n")
