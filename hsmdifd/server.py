@@ -299,29 +299,33 @@ class Daemon:
         notify.notify("READY=1")
 
     async def shutdown(self) -> None:
+        """Stop accepting, let answers in flight finish for a grace period, cancel the
+        rest, end the children and the leases, say goodbye, remove the socket."""
         notify.notify("STOPPING=1")
         log.info("stopping")
         grace = 0.0 if self._force.is_set() else self.config.timing.shutdown_grace
-        if self.cluster is not None:
-            await self.cluster.stop()
-        if self._peer_server is not None:
-            await self._peer_server.stop(0)
-        if self._server is not None:
-            stopping = asyncio.create_task(self._server.stop(grace))
-            forced = asyncio.create_task(self._force.wait())
-            await asyncio.wait({stopping, forced}, return_when=asyncio.FIRST_COMPLETED)
-            if not stopping.done():
-                await self._server.stop(0)
-            forced.cancel()
-        if self._models is not None:
-            await self._models.close()
-        if self._leases is not None:
-            await self._leases.close()
+        servers = [s for s in (self._server, self._peer_server) if s is not None]
+
+        async def stop_servers() -> None:
+            await asyncio.gather(*(s.stop(grace) for s in servers))
+
+        stopping = asyncio.create_task(stop_servers())
+        forced = asyncio.create_task(self._force.wait())
+        await asyncio.wait({stopping, forced}, return_when=asyncio.FIRST_COMPLETED)
+        if not stopping.done():
+            await asyncio.gather(*(s.stop(0) for s in servers))
+        forced.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self._models is not None:
+            await self._models.close()  # ends the engine and the leases it holds
+        if self._leases is not None:
+            await self._leases.close()  # ends the rpc-worker this device runs
+        if self.cluster is not None:
+            await self.cluster.stop()
         if self._owns_socket:
             self.config.socket_path.unlink(missing_ok=True)
         log.info("stopped")

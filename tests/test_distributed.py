@@ -287,3 +287,17 @@ def test_policy_change_re_plans_when_idle(split_cluster: tuple[Cluster, list[Dae
     assert r.returncode == 0, r.stderr
     wait_until(lambda: holders() == {root.dir.name, spare}, 60, f"the layers moving to {spare}")
     assert prompt(root, 4)["completion_tokens"] == 4
+
+
+def test_leases_end_with_the_root(split_cluster: tuple[Cluster, list[Daemon]]) -> None:
+    _, daemons = split_cluster
+    root = root_of(daemons)
+    assert root.ctl("load").returncode == 0
+    workers = [d for d in daemons if d is not root]
+
+    def rpc_workers() -> list[int]:
+        return [pid for d in workers if d.proc is not None for pid in child_pids(d.proc.pid)]
+
+    assert rpc_workers(), "a split load runs an rpc-worker on a worker"
+    assert root.stop() == 0
+    wait_until(lambda: not rpc_workers(), 10, "the rpc-workers ending with the root")
