@@ -418,3 +418,13 @@ def test_bundled_gemma_answers(make_daemon: MakeDaemon) -> None:
     assert isinstance(model, dict)
     assert model["path"] == str(d.state_dir / "models" / "gemma-3-270m-q4_k_m.gguf")
     assert model["architecture"] == "gemma3"
+
+
+def test_watchdog_pings_at_half_the_interval(make_daemon: MakeDaemon) -> None:
+    d = make_daemon()
+    d.start(env={"WATCHDOG_USEC": "400000"})
+    assert d.notify is not None
+    # Pings keep coming while the daemon runs (every 0.2 s here).
+    for _ in range(3):
+        d.notify.messages.clear()
+        d.notify.wait_for("WATCHDOG=1", timeout=5)
