@@ -22,7 +22,7 @@ from typing import Any
 from hsmdifd.auth import write_secret_file
 from tests.conftest import Daemon, write_config
 from tests.netns import Cluster, Host
-from tests.test_cluster import agree, view, wait_until
+from tests.test_cluster import agree, root_seen_by, view, wait_until
 
 RESULTS = Path(__file__).parent / "results.json"
 
@@ -55,7 +55,8 @@ def status_round_trips(d: Daemon, n: int) -> list[float]:
 
 
 def priority_change(daemons: dict[str, Daemon], target: str) -> float:
-    """Seconds from `devices --priority TARGET` on a worker until every host agrees."""
+    """Seconds from `devices --priority TARGET` on a worker (the command included)
+    until every host names TARGET as root."""
     worker = next(d for n, d in daemons.items() if n != target)
     started = time.monotonic()
     subprocess.run(
@@ -72,7 +73,7 @@ def priority_change(daemons: dict[str, Daemon], target: str) -> float:
         check=True,
         capture_output=True,
     )
-    wait_until(lambda: agree(list(daemons.values()), target), 10, "priority")
+    wait_until(lambda: {root_seen_by(d) for d in daemons.values()} == {target}, 10, "priority")
     return time.monotonic() - started
 
 
@@ -87,7 +88,7 @@ def kill_root(daemons: dict[str, Daemon]) -> tuple[float, str]:
     killed = time.monotonic()
 
     def survivors_agree() -> bool:
-        roots = {view(d)["status"]["root"] for d in survivors}
+        roots = {root_seen_by(d) for d in survivors}
         return len(roots) == 1 and root_name not in roots
 
     wait_until(survivors_agree, 10, "re-election")

@@ -6,7 +6,7 @@ The configuration's `[timing]` section takes its defaults from here.
 # Membership (used by the cluster plane).
 HEARTBEAT_INTERVAL = 0.5
 """Seconds between heartbeats to each peer."""
-DEAD_AFTER = 2.0
+DEAD_AFTER = 1.5
 """Seconds without a heartbeat after which a peer is dead."""
 MDNS_TTL = 120
 """TTL, in seconds, of the mDNS records this device announces."""
