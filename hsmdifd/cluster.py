@@ -436,7 +436,7 @@ class Cluster:
             now = time.monotonic()
             for record in self.membership.records():
                 state = self.membership.state_of(record, now)
-                if record.status is None and state in (
+                if record.status is None and not record.alias_of and state in (
                     election.MemberState.UNAUTHENTICATED,
                     election.MemberState.INCOMPATIBLE,
                     election.MemberState.DEAD,

@@ -40,6 +40,7 @@ class PeerRecord:
     reason: str = ""
     gone: bool = False  # an mDNS goodbye arrived
     declared: pb.DeviceProfile | None = None
+    alias_of: str = ""  # the address the peer advertises, when it differs from this one
 
 
 @dataclass
@@ -231,6 +232,8 @@ class Membership:
                 ):
                     await self._forget(address)  # an address that reaches this very daemon
                     return
+                if reply.device.address != address:
+                    self._peers[address].alias_of = reply.device.address
                 self.observe(reply)
             await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
 
