@@ -436,11 +436,8 @@ class Cluster:
             now = time.monotonic()
             for record in self.membership.records():
                 state = self.membership.state_of(record, now)
-                if record.status is None and not record.alias_of and state in (
-                    election.MemberState.UNAUTHENTICATED,
-                    election.MemberState.INCOMPATIBLE,
-                    election.MemberState.DEAD,
-                ):
+                unknown = record.status is None and not record.alias_of
+                if unknown and state not in election.LIVE_STATES:
                     out.append(
                         pb.DeviceProfile(address=record.address, state=state.value, role="-")
                     )
