@@ -116,15 +116,6 @@ class Discovery:
             self._zc.zeroconf, SERVICE_TYPE, handlers=[self._on_change]
         )
 
-    async def update(self) -> None:
-        """Announce changed hints (memory, policy version)."""
-        if self._zc is None or self._info is None:
-            return
-        info = self._service_info()
-        info.name = self._info.name  # keep a name zeroconf may have changed on conflict
-        self._info = info
-        await self._zc.async_update_service(info)
-
     def _on_change(
         self,
         zeroconf: Zeroconf,

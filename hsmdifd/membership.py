@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
@@ -48,7 +48,6 @@ class _Link:
     channel: grpc.aio.Channel
     stub: pb_grpc.PeerAsyncStub
     task: asyncio.Task[None] | None = None
-    records: list[str] = field(default_factory=list)
 
 
 class Membership:
