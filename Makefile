@@ -15,7 +15,7 @@ CACHE_HOME ?= $(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)
 WHEELS := $(CACHE_HOME)/hsmdif/wheels/llama-cpp-python-$(LLAMA_VERSION)-rpc
 APT_PACKAGES := python3-venv python3-dev build-essential cmake pkg-config libsystemd-dev iproute2 systemd
 
-.PHONY: help deps venv demo test check lint types unit proto bench bench-smoke clean
+.PHONY: help deps venv demo test check lint types unit proto bench bench-quick bench-smoke clean
 
 help:
 	@echo "make demo     set up, start a daemon, answer one prompt with the bundled model"
@@ -89,8 +89,13 @@ proto: venv
 	PATH=$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc -Ihsmdifd/proto=proto \
 	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. hsmdifd/proto/hsmdif.proto
 
+# The performance table: bench/results.json, bench/RESULTS.md, bench/results.png (root:
+# the cluster benchmarks use network namespaces). bench-quick takes under 10 minutes.
 bench: venv
-	$(PY) -m bench.standalone
+	$(PY) -m bench.run
+
+bench-quick: venv
+	$(PY) -m bench.run --quick
 
 # Checks that the benchmark runs to the end, not its figures (CI's machine is shared).
 bench-smoke: venv

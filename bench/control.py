@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import PREFIX
 from hsmdifd.auth import write_secret_file
 from tests.conftest import Daemon, write_config
 from tests.netns import Cluster, Host
@@ -105,7 +106,7 @@ def main() -> None:
     write_secret_file(secret)
     reelect: list[float] = []
     propagate: list[float] = []
-    with Cluster(3) as cluster:
+    with Cluster(3, prefix=PREFIX) as cluster:
         daemons = {f"h{h.index}": start(h, base, f"h{h.index}", secret) for h in cluster.hosts}
         wait_until(lambda: agree(list(daemons.values())), 30, "agreement")
         trips = sorted(status_round_trips(daemons["h0"], 500))

@@ -1,0 +1,189 @@
+"""Distributed: hsmdif split over 2 and 3 hosts versus llama.cpp RPC driven by hand.
+
+Each host is a network namespace with a CPU quota of one core and one llama.cpp
+thread. Its daemon declares a usable memory (memory_override_mb) with which the
+planner needs exactly N hosts for the synthetic f32 model; the cgroup cap leaves
+room beside it for the by-hand rpc-worker. The by-hand run uses the very split the
+daemon loaded (n_gpu_layers, tensor_split, registration order) with fresh
+rpc-workers on the same hosts and a client in the root's host. Generations
+alternate between the two; the figures are medians, the ratio the median of the
+ratios of back-to-back pairs. Per decoded token (a generation of 96 tokens less one
+of 1): bytes on the wire from the root host's veth counters (every RPC byte passes
+through the root), and the CPU time of the root's processes (daemon and engine, or
+the by-hand client) and of hsmdifctl. Prints a table and merges `distributed` into
+bench/results.json.
+
+    sudo python -m bench.distributed [--reps N] [--tokens N] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    MIB,
+    N_CTX,
+    RESULTS,
+    HandRpc,
+    Synthetic,
+    Timing,
+    children_cpu_seconds,
+    cpu_seconds,
+    hsmdif_cluster,
+    hsmdif_prompt,
+    link_bytes,
+    loaded_plan,
+    median,
+    merge_results,
+    per_token,
+    root_of,
+    scratch_dir,
+    usable_for,
+)
+from hsmdifd.gguf_model import read_model_shape
+
+MODEL = Synthetic(n_layer=10, n_embd=1024, n_ff=2816)
+CPU_QUOTA = 1.0
+COST_TOKENS = 96  # tokens of the generations that measure bytes and CPU per token
+
+
+def summarise(runs: list[Timing]) -> tuple[float, float]:
+    """Median tokens/s and median time to first token (ms)."""
+    return median([r.tokens_per_s for r in runs]), median([r.ttft_ms for r in runs])
+
+
+def rounded(costs: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """Bytes to the byte, milliseconds to 0.01."""
+    return {prefix + k: round(v) if "bytes" in k else round(v, 2) for k, v in costs.items()}
+
+
+def measure(hosts: int, model: Path, reps: int, tokens: int, hand: bool) -> dict[str, Any]:
+    """hsmdif on `hosts` hosts (and, with `hand`, llama.cpp RPC by hand beside it)."""
+    shape = read_model_shape(model)
+    usable = usable_for(shape, N_CTX, hosts) if hosts > 1 else None
+    # Room for the daemon, its rpc-worker or engine, and a by-hand worker with the same layers.
+    limit = 2 * (usable or 2 * shape.size_bytes) + 768 * MIB
+    with (
+        scratch_dir() as base,
+        hsmdif_cluster(
+            hosts,
+            model,
+            base,
+            usable_bytes=usable,
+            memory_limit_bytes=limit,
+            cpu_quota=CPU_QUOTA,
+        ) as (cluster, daemons),
+    ):
+        root = root_of(daemons)
+        r = root.ctl("load", timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"hsmdifctl load failed: {r.stderr.strip()}")
+        plan = loaded_plan(root)
+        by_name = {f"h{h.index}": h for h in cluster.hosts}
+        order = [by_name[d["name"]] for d in plan["devices"]]
+        if len(order) != hosts:
+            raise RuntimeError(f"the plan uses {len(order)} hosts, not {hosts}: {plan}")
+        output = next(d for d in plan["devices"] if d["holds_output"])
+        result: dict[str, Any] = {
+            "layers": {d["name"]: d["layers"] for d in plan["devices"]},
+            "root": plan["devices"][0]["name"],
+            "output_layer": output["name"],
+            "output_layer_remote": output["name"] != plan["devices"][0]["name"],
+            "n_gpu_layers": plan["n_gpu_layers"],
+            "tensor_split": plan["tensor_split"],
+        }
+        if usable:
+            result["usable_mb_per_host"] = round(usable / MIB)
+        ours: list[Timing] = []
+        theirs: list[Timing] = []
+        hsmdif_prompt(root, 8)  # warm up
+        assert root.proc is not None
+        daemon = root.proc.pid
+        costs = {
+            "wire_bytes_per_token": lambda: float(link_bytes(order[0])),
+            "root_cpu_ms_per_token": lambda: cpu_seconds(daemon) * 1000,
+            "hsmdifctl_cpu_ms_per_token": lambda: children_cpu_seconds() * 1000,
+        }
+        if not hand:
+            ours = [hsmdif_prompt(root, tokens) for _ in range(reps)]
+            measured = per_token(lambda n: hsmdif_prompt(root, n), COST_TOKENS, costs)
+            result.update(rounded(measured))
+        else:
+            with HandRpc(order[0], order[1:], model, plan["n_ctx"]) as by_hand:
+                by_hand.load(plan["n_gpu_layers"], plan["tensor_split"])
+                by_hand.generate(8)
+                for i in range(reps):  # alternate which goes first
+                    if i % 2:
+                        theirs.append(by_hand.generate(tokens))
+                    ours.append(hsmdif_prompt(root, tokens))
+                    if not i % 2:
+                        theirs.append(by_hand.generate(tokens))
+                measured = per_token(lambda n: hsmdif_prompt(root, n), COST_TOKENS, costs)
+                result.update(rounded(measured))
+                client = by_hand.client_pid
+                measured = per_token(
+                    by_hand.generate,
+                    COST_TOKENS,
+                    {
+                        "wire_bytes_per_token": lambda: float(link_bytes(order[0])),
+                        "root_cpu_ms_per_token": lambda: cpu_seconds(client) * 1000,
+                    },
+                )
+                result.update(rounded(measured, "llama_rpc_"))
+            t_tps, t_ttft = summarise(theirs)
+            result["llama_rpc_tokens_per_s_runs"] = [round(r.tokens_per_s, 2) for r in theirs]
+            result["llama_rpc_tokens_per_s"] = round(t_tps, 2)
+            result["llama_rpc_ttft_ms"] = round(t_ttft, 1)
+        h_tps, h_ttft = summarise(ours)
+        result["hsmdif_tokens_per_s_runs"] = [round(r.tokens_per_s, 2) for r in ours]
+        result["hsmdif_tokens_per_s"] = round(h_tps, 2)
+        result["hsmdif_ttft_ms"] = round(h_ttft, 1)
+        result["ms_per_token"] = round(1000 / h_tps, 2)
+        result["completion_tokens"] = min(r.tokens for r in ours)
+        if hand:  # pairs run back to back: the median of their ratios drifts least
+            pairs = zip(ours, theirs, strict=True)
+            result["decode_ratio"] = round(
+                median([a.tokens_per_s / b.tokens_per_s for a, b in pairs]), 4
+            )
+            result["ttft_overhead_ms"] = round(h_ttft - result["llama_rpc_ttft_ms"], 1)
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reps", type=int, default=11)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="5 repetitions of 32 tokens")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file to update")
+    args = parser.parse_args()
+    if args.quick:
+        args.reps, args.tokens = 5, 32
+    model = MODEL.path()
+    by_hosts = {str(n): measure(n, model, args.reps, args.tokens, hand=True) for n in (2, 3)}
+    header = f"{'hosts':<6}{'layers':<22}{'output':<8}{'llama.cpp RPC':>14}{'hsmdif':>9}"
+    print(header + f"{'ratio':>8}{'TTFT +ms':>10}{'B/token':>9}")
+    for n, r in by_hosts.items():
+        layers = " ".join(f"{k}:{v}" for k, v in r["layers"].items())
+        print(
+            f"{n:<6}{layers:<22}{r['output_layer']:<8}{r['llama_rpc_tokens_per_s']:>14.2f}"
+            f"{r['hsmdif_tokens_per_s']:>9.2f}{r['decode_ratio']:>8.3f}"
+            f"{r['ttft_overhead_ms']:>+10.1f}{r['wire_bytes_per_token']:>9}"
+        )
+    result = {
+        "decode_ratio": min(r["decode_ratio"] for r in by_hosts.values()),
+        "by_hosts": by_hosts,
+        "model": MODEL.name,
+        "model_mb": round(model.stat().st_size / MIB),
+        "threads_per_host": 1,
+        "cpu_quota_per_host": CPU_QUOTA,
+        "tokens": args.tokens,
+        "reps": args.reps,
+        "context": N_CTX,
+    }
+    merge_results(args.results, "distributed", result)
+
+
+if __name__ == "__main__":
+    main()
