@@ -27,7 +27,7 @@ import psutil
 from hsmdifd.auth import write_secret_file
 from hsmdifd.gguf_model import ModelShape, estimate_memory
 from hsmdifd.planner import DeviceCapacity, PlanError, plan
-from tests.conftest import REPO, Daemon, NotifySocket
+from tests.conftest import REPO, Daemon, NotifySocket, free_port_in
 from tests.netns import Cluster, Host
 from tests.test_cluster import agree, view, wait_until
 from tests.tinymodel import write_tiny_llama
@@ -110,12 +110,6 @@ def link_bytes(host: Host) -> int:
     ).stdout
     stats = json.loads(out)[0]["stats64"]
     return int(stats["rx"]["bytes"]) + int(stats["tx"]["bytes"])
-
-
-def free_port_in(host: Host) -> int:
-    code = f"from hsmdifd.rpc import free_port; print(free_port({host.address!r}))"
-    r = host.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    return int(r.stdout)
 
 
 def run_in(host: Host, code: str, timeout: float = 120) -> str:

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from hsmdifd.auth import write_secret_file
-from tests.conftest import REPO, Daemon, child_pids, write_config
+from tests.conftest import REPO, Daemon, child_pids, free_port_in, write_config
 from tests.netns import Cluster, Host, require_root_netns
 from tests.test_cluster import agree, view, wait_until
 from tests.tinymodel import write_tiny_llama
@@ -160,21 +160,6 @@ def test_split_over_hosts_matches_llama_cpp_rpc_by_hand(
             proc.wait()
     assert oracle.returncode == 0, oracle.stderr[-2000:]
     assert oracle.stdout == text
-
-
-def free_port_in(host: Host) -> int:
-    r = host.run(
-        [
-            sys.executable,
-            "-c",
-            f"from hsmdifd.rpc import free_port; print(free_port({host.address!r}))",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=True,
-    )
-    return int(r.stdout)
 
 
 def test_one_host_alone_refuses_and_keeps_running(short_dir: Path, big_model: Path) -> None:
