@@ -150,7 +150,7 @@ class Engine:
             self._info = pb.ModelInfo(state=pb.IDLE)
             raise
         except Exception as e:
-            error = await self._failed_child_error(e, "loading")
+            error = await self._failed_child_error(e, "loading", self._child)
             await self._stop_child()
             self._info.state = pb.FAILED
             self._info.error = str(error)
@@ -166,14 +166,20 @@ class Engine:
             async for event in child.stub.Generate(request):
                 yield event
         except grpc.aio.AioRpcError as e:
-            raise await self._failed_child_error(e, "generating") from e
+            raise await self._failed_child_error(e, "generating", child) from e
 
-    async def _failed_child_error(self, error: BaseException, doing: str) -> BaseException:
-        """Turn an error from the child's channel into a sentence for the user."""
+    async def _failed_child_error(
+        self, error: BaseException, doing: str, child: _Child | None
+    ) -> BaseException:
+        """Turn an error from the child's channel into a sentence for the user.
+
+        The child's death shows as UNAVAILABLE, or as CANCELLED when the watcher
+        closed the channel first; either way the exit status tells.
+        """
         if not isinstance(error, grpc.aio.AioRpcError):
             return error
-        child = self._child
-        if child is not None and error.code() == grpc.StatusCode.UNAVAILABLE:
+        code = error.code()
+        if child is not None and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(child.proc.wait(), 2.0)
             if child.proc.returncode is not None:
@@ -183,7 +189,9 @@ class Engine:
                     f"({describe_exit(child.proc.returncode)}); the model is no longer "
                     "loaded: the next prompt loads it again",
                 )
-        return RequestError(error.code(), error.details() or str(error.code()))
+        if code == grpc.StatusCode.CANCELLED:
+            code = grpc.StatusCode.ABORTED  # the client did not cancel: never pass that on
+        return RequestError(code, error.details() or code.name)
 
     async def _watch_child(self, child: _Child) -> None:
         returncode = await child.proc.wait()

@@ -163,55 +163,7 @@ class EngineServicer(pb_grpc.EngineServicer):
         if loaded is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no model is loaded")
         with self._lock:
-            yield from _overlapped(loaded, request, context, received)
-
-
-class _Refused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-_DONE = object()
-
-
-def _overlapped(
-    loaded: _Loaded,
-    request: pb.GenerateRequest,
-    context: grpc.ServicerContext,
-    received: float,
-) -> Iterator[pb.GenerateEvent]:
-    """Generate in a thread of its own while this one sends.
-
-    The gRPC server sends each message before it asks for the next one; generating
-    in the same thread would make every token wait for the previous one's write.
-    """
-    events: queue.Queue[object] = queue.Queue()
-    stop = threading.Event()
-    context.add_callback(stop.set)
-
-    def produce() -> None:
-        try:
-            for event in _generate(loaded, request, stop, received):
-                events.put(event)
-        except BaseException as e:
-            events.put(e)
-        finally:
-            events.put(_DONE)
-
-    producer = threading.Thread(target=produce, name="generate", daemon=True)
-    producer.start()
-    try:
-        while (item := events.get()) is not _DONE:
-            if isinstance(item, _Refused):
-                context.abort(item.code, str(item))
-            if isinstance(item, BaseException):
-                raise item
-            assert isinstance(item, pb.GenerateEvent)
-            yield item
-    finally:
-        stop.set()
-        producer.join()  # the model is free again only when the producer is done
+            yield from _generate(loaded, request, context, received)
 
 
 def _prompt_tokens(loaded: _Loaded, request: pb.GenerateRequest) -> list[int]:
@@ -226,7 +178,7 @@ def _prompt_tokens(loaded: _Loaded, request: pb.GenerateRequest) -> list[int]:
 def _generate(
     loaded: _Loaded,
     request: pb.GenerateRequest,
-    stop: threading.Event,
+    context: grpc.ServicerContext,
     received: float,
 ) -> Iterator[pb.GenerateEvent]:
     import llama_cpp
@@ -235,7 +187,7 @@ def _generate(
     tokens = _prompt_tokens(loaded, request)
     room = loaded.n_ctx - len(tokens)
     if room < 1:
-        raise _Refused(
+        context.abort(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"the prompt is {len(tokens)} tokens but the model is loaded with a context of "
             f"{loaded.n_ctx}; shorten the prompt or load the model with a larger --max-seq-len",
@@ -264,7 +216,7 @@ def _generate(
             yield pb.GenerateEvent(text=text)
         if produced >= max_tokens:
             break
-        if stop.is_set():
+        if not context.is_active():
             return
     tail = decoder.decode(b"", final=True)
     if tail:
