@@ -28,6 +28,7 @@ import grpc
 from hsmdifd.children import exit_when_parent_goes
 from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
+from hsmdifd.timing import STREAM_INTERVAL
 
 log = logging.getLogger("hsmdifd.engine")
 
@@ -198,7 +199,8 @@ def _generate(
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     vocab = llm._model.vocab
     produced = 0
-    first_at = 0.0
+    first_at = sent_at = 0.0
+    pending: list[str] = []
     finish = "length"
     strip_leading = not request.raw
     for token in llm.generate(tokens, temp=temperature, top_k=40, top_p=0.95, min_p=0.05):
@@ -213,14 +215,19 @@ def _generate(
         if produced == 1:
             first_at = time.monotonic()
         if text:
-            yield pb.GenerateEvent(text=text)
+            pending.append(text)
+            now = time.monotonic()
+            if now - sent_at >= STREAM_INTERVAL:  # the first piece goes at once
+                yield pb.GenerateEvent(text="".join(pending))
+                pending.clear()
+                sent_at = now
         if produced >= max_tokens:
             break
         if not context.is_active():
             return
-    tail = decoder.decode(b"", final=True)
-    if tail:
-        yield pb.GenerateEvent(text=tail)
+    pending.append(decoder.decode(b"", final=True))
+    if text := "".join(pending):
+        yield pb.GenerateEvent(text=text)
     done = time.monotonic()
     decode_seconds = done - first_at if produced > 1 else 0.0
     yield pb.GenerateEvent(

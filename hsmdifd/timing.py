@@ -28,3 +28,9 @@ RPC_LISTEN_TIMEOUT = 30.0
 """Seconds an rpc-worker gets to start listening."""
 WATCHDOG_FRACTION = 0.5
 """WATCHDOG=1 is sent at this fraction of WATCHDOG_USEC."""
+
+# Generation.
+STREAM_INTERVAL = 0.05
+"""Seconds an answer's text is gathered before it is passed on (the first piece goes at
+once): a message per 50 ms instead of one per token through every hop, 20 updates a
+second on the screen."""
