@@ -55,10 +55,11 @@ CTX_PAD = 256
 # Q, K, V, attention output). Fitted to the logged compute buffers: 5.5 (16x1024) to 6 (2x64).
 ATTENTION_ROWS = 6
 # llama.cpp's memory outside the buffers it logs and outside the vocabulary: contexts,
-# graph metadata, thread pool, batch and sampler arrays. Measured 3.7-5.5 MiB of RSS.
+# graph metadata, thread pool, batch and sampler arrays. Measured 3.7-5.7 MiB of RSS;
+# rounded up, as an estimate that plans memory had better be.
 # The host process itself (Python, numpy, the llama.cpp shared libraries: about 45 MiB
 # of RSS) is not part of any estimate.
-RUNTIME_OVERHEAD = 4 * MIB
+RUNTIME_OVERHEAD = 6 * MIB
 # Vocabulary tables (token strings, token-to-id map, merge tables): measured 166 bytes per
 # token with Gemma 3's 262,144 tokens (44 MiB); rounded up.
 VOCAB_BYTES_PER_TOKEN = 176

@@ -79,16 +79,16 @@ def _logged_buffers(path: Path, n_ctx: int, capsys: pytest.CaptureFixture[str]) 
 
 
 def test_tiny_estimate_matches_llama_cpp(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Within 10 %, or 8 MiB for a model this small.
+    """Within 10 %, or 10 MiB for a model this small.
 
     The estimate also counts what llama.cpp does not log: the CPU backend's f16 copy of
-    the attention scores (2 MiB at n_ctx 512) and its fixed runtime overhead (4 MiB),
+    the attention scores (2 MiB at n_ctx 512) and its fixed runtime overhead (6 MiB),
     so for a model whose buffers total a few MiB only an absolute slack is meaningful.
     """
     logged = _logged_buffers(tiny, 512, capsys)
     estimate = estimate_memory(read_model_shape(tiny), 512).total / MIB
 
-    assert abs(estimate - logged) <= max(0.10 * logged, 8.0)
+    assert abs(estimate - logged) <= max(0.10 * logged, 10.0)
 
 
 def test_synthetic_f32_estimate_matches_llama_cpp(
