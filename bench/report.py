@@ -91,7 +91,7 @@ def summary(results: dict[str, Any]) -> str:
             if met(value, comparison, target)
             else "**missed**"
         )
-        rows.append([f"`{key}`", fmt(value, 3), shown, verdict])
+        rows.append([f"`{key}`", "-" if value is None else f"{value:.4g}", shown, verdict])
     return table(["figure", "value", "target", ""], rows)
 
 
@@ -115,6 +115,8 @@ def machine_text(results: dict[str, Any]) -> str:
     ]
     for name, date in run.get("rerun", {}).items():
         rows.append([f"{name} measured again", date])
+    if run.get("failed_then_rerun"):
+        rows.append(["failed, then measured again", ", ".join(run["failed_then_rerun"])])
     if run.get("failed"):
         rows.append(["failed", ", ".join(run["failed"])])
     return table(["", ""], rows)
@@ -330,6 +332,16 @@ def findings(results: dict[str, Any]) -> str:
                 "weights faster than the numpy product measure_speed times, and "
                 f"HOP_SECONDS ({HOP_SECONDS * 1000:.0f} ms) is an assumption."
             )
+        hundred = h["splits"].get("capacity_speed_at_100ms_period")
+        if hundred and hundred["layers"] != default["layers"]:
+            rate = hundred["tokens_per_s"]
+            of_best = rate / h["splits"]["best"]["tokens_per_s"]
+            of_exo = rate / h["splits"]["exo"]["tokens_per_s"]
+            notes.append(
+                "With the speeds measure_speed gave under the 100 ms period, the capacity "
+                f"rule would have chosen {' / '.join(map(str, hundred['layers'].values()))}: "
+                f"{rate:.2f} tokens/s, {of_best:.2f} of the best and {of_exo:.2f} of exo's split."
+            )
         missed = [
             k
             for k, c, t in TARGETS
@@ -386,7 +398,19 @@ def findings(results: dict[str, Any]) -> str:
         )
     m = results.get("memory")
     if m and not m["within_target"]:
-        notes.append(f"Missed the memory target: worst error {m['worst_error']:+.1%}.")
+        rows = [(f"{n} alone", r) for n, r in m["standalone"].items()]
+        rows += [(f"synthetic split, {n}", r) for n, r in m["split"]["devices"].items()]
+        over = "; ".join(
+            f"{name}: estimate {r['estimate_mib']} MiB, RSS growth {r['rss_growth_mib']} MiB, "
+            f"logged {r['logged_mib']} MiB ({r['error']:+.1%})"
+            for name, r in rows
+            if not r["within_target"]
+        )
+        notes.append(
+            f"Missed the memory target ({m['target']:.0%}): {over}. The estimate's fixed "
+            "runtime margin (gguf_model.RUNTIME_OVERHEAD) is smaller than what a process "
+            "touches beyond llama.cpp's buffers; on rpc-workers that excess is larger still."
+        )
     return "\n".join(f"- {n}" for n in notes) if notes else "- (none)"
 
 

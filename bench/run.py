@@ -163,11 +163,14 @@ def main() -> int:
             if status != 0:
                 print(f"== bench.{name} failed: {failed[-1]}", flush=True)
         results: dict[str, Any] = json.loads(partial.read_text()) if partial.exists() else {}
+    took = sum(durations.values())
     date = started.isoformat(timespec="seconds")
     run = {"date": date, "quick": args.quick, "machine": machine()}
     if earlier_run:  # a re-run of some: the rest keep their run's figures
         run = earlier_run
-        failed = [f for f in run.get("failed", []) if f.split()[0] not in steps] + failed
+        again = [f for f in run.get("failed", []) if f.split()[0] in steps]
+        run["failed_then_rerun"] = [*run.get("failed_then_rerun", []), *again]
+        failed = [f for f in run.get("failed", []) if f not in again] + failed
         durations = {**run.get("seconds", {}), **durations}
         run["rerun"] = {**run.get("rerun", {}), **dict.fromkeys(steps, date)}
     results["run"] = {**run, "seconds": durations, "failed": failed}
@@ -175,8 +178,7 @@ def main() -> int:
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_plot(results, args.out / PLOT)
     write_report(results, args.out / "RESULTS.md")
-    total = sum(durations.values())
-    print(f"== wrote {args.out}/results.json, RESULTS.md, results.png in {total / 60:.1f} min")
+    print(f"== wrote {args.out}/results.json, RESULTS.md, results.png in {took / 60:.1f} min")
     if failed:
         print(f"== failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
