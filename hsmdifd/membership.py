@@ -152,8 +152,16 @@ class Membership:
         if declared is not None:
             record.declared = declared
         if address not in self._links:
+            # A peer that restarts is heard again within a heartbeat, not after gRPC's
+            # default reconnect backoff (1 s, growing to 2 minutes).
+            backoff_ms = int(self.interval * 1000)
             channel = grpc.aio.insecure_channel(
-                address, interceptors=auth.client_interceptors(self._secret, self._node_id)
+                address,
+                options=[
+                    ("grpc.initial_reconnect_backoff_ms", backoff_ms),
+                    ("grpc.max_reconnect_backoff_ms", backoff_ms),
+                ],
+                interceptors=auth.client_interceptors(self._secret, self._node_id),
             )
             link = _Link(channel=channel, stub=pb_grpc.PeerStub(channel))
             link.task = asyncio.get_running_loop().create_task(self._heartbeat(address, link))
