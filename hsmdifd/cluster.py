@@ -381,13 +381,8 @@ class Cluster:
         """An RPC endpoint from each remote device of `plan`, in registration order."""
         held: list[Held] = []
         for device in plan.rpc_endpoints_order:
-            stub = self.membership.stub_for(device.node_id) if self.membership else None
             try:
-                if stub is None:
-                    raise RequestError(grpc.StatusCode.UNAVAILABLE, "it is not reachable")
-                lease = await stub.StartRpc(
-                    pb.LeaseRequest(epoch=self.epoch_pb()), timeout=timing.LEASE_TIMEOUT
-                )
+                lease = await self._lease(device)
             except (RequestError, grpc.aio.AioRpcError) as e:
                 await self.release_leases(held)
                 reason = str(e) if isinstance(e, RequestError) else e.details()
@@ -397,6 +392,36 @@ class Cluster:
                 ) from e
             held.append(Held(device.node_id, device.name, lease.lease_id, lease.endpoint))
         return held
+
+    async def _lease(self, device: planner.DeviceCapacity) -> pb.Lease:
+        """Ask `device` for a lease; again, for a while, when its view of the root or the
+        policy lags behind this device's (it refuses with ABORTED until it catches up)."""
+        deadline = time.monotonic() + timing.LEASE_RETRY
+        while True:
+            stub = self.membership.stub_for(device.node_id) if self.membership else None
+            if stub is None or self.membership is None:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "it is not reachable")
+            try:
+                return await stub.StartRpc(
+                    pb.LeaseRequest(epoch=self.epoch_pb()), timeout=timing.LEASE_TIMEOUT
+                )
+            except grpc.aio.AioRpcError as e:
+                retry = e.code() == grpc.StatusCode.ABORTED and self.is_root
+                if not retry or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(self.membership.interval)
+
+    def lease_refusal(self, offered: election.Epoch) -> str | None:
+        """Why this device, as a worker, refuses a lease asked under `offered`; None grants it."""
+        current = self.epoch()
+        if election.grants_lease(offered, current):
+            return None
+        if offered.policy_version < current.policy_version:
+            return (
+                f"the root holds policy version {offered.policy_version}, this device "
+                f"version {current.policy_version}"
+            )
+        return f"this device follows {self.root_name()} as root"
 
     async def release_leases(self, held: list[Held]) -> None:
         for lease in held:

@@ -7,7 +7,6 @@ policy computes the same root, whatever order it learnt them in.
 from __future__ import annotations
 
 import enum
-import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -83,27 +82,25 @@ def choose_root(
     return next((m for m in ranked if m.live), None)
 
 
-@functools.total_ordering
 @dataclass(frozen=True)
 class Epoch:
-    """What a root stamps on its leases; a newer epoch compares greater."""
+    """A device's view: the root it follows and the policy it holds; what a root
+    stamps on its leases."""
 
     policy_version: int
     root_id: str
-    generation: int  # membership generation
-
-    def key(self) -> tuple[int, int, str]:
-        return (self.policy_version, self.generation, self.root_id)
-
-    def __lt__(self, other: object) -> bool:
-        if not isinstance(other, Epoch):
-            return NotImplemented
-        return self.key() < other.key()
+    generation: int  # this device's count of membership changes
 
 
-def is_stale(offered: Epoch, current: Epoch) -> bool:
-    """True when `offered` is older than `current`, the newest epoch seen: refuse it."""
-    return offered < current
+def grants_lease(offered: Epoch, current: Epoch) -> bool:
+    """Whether a worker whose view is `current` serves a root asking under `offered`.
+
+    Fencing: a worker serves only the root it follows itself, under a policy at least
+    as new as its own, so a deposed root never drives it. Membership generations are
+    each device's own count and are not compared: a root that restarted counts from
+    zero. Views agree within a heartbeat, so a refusal is worth asking again.
+    """
+    return offered.root_id == current.root_id and offered.policy_version >= current.policy_version
 
 
 def newer_policy(a: Policy, b: Policy) -> Policy:

@@ -2,9 +2,10 @@
 
 One lease at a time: a new plan replaces the old lease. The lease ends, and the
 child with it, when the root ends it, when the root is no longer live, or when
-the daemon stops. A request carrying an epoch older than the newest seen is
-refused (fencing: two roots never drive one worker). The RPC port is open only
-while the lease lasts.
+the daemon stops. A lease is granted only to the root this device follows
+itself, under a policy at least as new as its own (fencing: a deposed root never
+drives a worker); a refusal is ABORTED, for the root to ask again once the views
+agree. The RPC port is open only while the lease lasts.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +37,18 @@ class _Held:
 
 
 class Leases:
-    def __init__(self, host: str, cache_dir: Path, threads: int) -> None:
+    def __init__(
+        self,
+        host: str,
+        cache_dir: Path,
+        threads: int,
+        refusal: Callable[[election.Epoch], str | None],
+    ) -> None:
+        """`refusal(epoch)` says why a lease asked under `epoch` is refused, or None."""
         self._host = host
+        self._refusal = refusal
         self._cache_dir = cache_dir
         self._threads = threads
-        self._newest: election.Epoch | None = None
         self._held: _Held | None = None
         self._lock = asyncio.Lock()
 
@@ -56,13 +65,8 @@ class Leases:
                 grpc.StatusCode.PERMISSION_DENIED, "a lease is asked for by the root only"
             )
         async with self._lock:
-            if self._newest is not None and election.is_stale(offered, self._newest):
-                raise RequestError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"stale epoch {offered.key()}: this worker has seen {self._newest.key()}; "
-                    "re-plan with the current membership",
-                )
-            self._newest = offered
+            if reason := self._refusal(offered):
+                raise RequestError(grpc.StatusCode.ABORTED, reason)
             await self._end()
             self._cache_dir.mkdir(parents=True, exist_ok=True)
             port = free_port(self._host)

@@ -215,7 +215,12 @@ class Daemon:
         )
         assert self.cluster is not None
         host = self.identity.address.rsplit(":", 1)[0]
-        self._leases = Leases(host, self.config.state_dir / "rpc-cache", self.config.threads)
+        self._leases = Leases(
+            host,
+            self.config.state_dir / "rpc-cache",
+            self.config.threads,
+            self.cluster.lease_refusal,
+        )
         pb_grpc.add_PeerServicer_to_server(
             PeerService(self.cluster, self._models, self._leases), server
         )

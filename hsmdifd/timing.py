@@ -22,6 +22,9 @@ DEVICE_REFRESH = 2.0
 """Seconds between measurements of this device's free memory and load."""
 LEASE_TIMEOUT = 30.0
 """Seconds the root waits for a worker to start (or end) an RPC lease."""
+LEASE_RETRY = 5.0
+"""Seconds the root keeps asking a worker that refuses a lease because its view of the
+root or the policy lags behind (views agree within a heartbeat or two)."""
 RPC_CONNECT_TIMEOUT = 5.0
 """Seconds to reach an RPC endpoint before registering it with llama.cpp."""
 RPC_LISTEN_TIMEOUT = 30.0

@@ -14,7 +14,7 @@ import pytest
 from hsmdifd.auth import write_secret_file
 from tests.conftest import REPO, Daemon, child_pids, free_port_in, write_config
 from tests.netns import Cluster, Host, require_root_netns
-from tests.test_cluster import agree, view, wait_until
+from tests.test_cluster import agree, alive_names, view, wait_until
 from tests.tinymodel import write_tiny_llama
 
 pytestmark = pytest.mark.netns
@@ -221,23 +221,46 @@ def test_reload_uses_the_tensor_cache(split_cluster: tuple[Cluster, list[Daemon]
     )
 
 
-INTRUDER = """
+ASK_FOR_LEASE = """
 import asyncio, sys, grpc
+from pathlib import Path
 from hsmdifd import auth
 from hsmdifd.proto import hsmdif_pb2 as pb, hsmdif_pb2_grpc as pb_grpc
 
 async def ask():
-    interceptors = auth.client_interceptors(auth.generate_secret(), "intruder")
-    async with grpc.aio.insecure_channel(sys.argv[1], interceptors=interceptors) as channel:
-        epoch = pb.Epoch(policy_version=99, root_id="intruder", generation=99)
+    address, secret_file, node_id = sys.argv[1:]
+    secret = auth.load_secret(Path(secret_file)) if secret_file else auth.generate_secret()
+    interceptors = auth.client_interceptors(secret, node_id)
+    async with grpc.aio.insecure_channel(address, interceptors=interceptors) as channel:
+        epoch = pb.Epoch(policy_version=99, root_id=node_id, generation=99)
         try:
             await pb_grpc.PeerStub(channel).StartRpc(pb.LeaseRequest(epoch=epoch), timeout=10)
         except grpc.aio.AioRpcError as e:
-            return e.code().name
+            return f"{e.code().name}: {e.details()}"
     return "OK"
 
 print(asyncio.run(ask()))
 """
+
+
+def ask_for_lease(cluster: Cluster, worker: int, secret: Path | None, node_id: str) -> str:
+    """Ask host `worker` for a lease from the last host, as `node_id`."""
+    r = cluster.hosts[-1].run(
+        [
+            sys.executable,
+            "-c",
+            ASK_FOR_LEASE,
+            f"{cluster.hosts[worker].address}:9999",
+            str(secret or ""),
+            node_id,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+    return str(r.stdout.strip() or r.stderr)
 
 
 def test_wrong_secret_never_gets_a_lease(split_cluster: tuple[Cluster, list[Daemon]]) -> None:
@@ -246,15 +269,24 @@ def test_wrong_secret_never_gets_a_lease(split_cluster: tuple[Cluster, list[Daem
     assert worker.proc is not None
     before = child_pids(worker.proc.pid)
     # From another host on the same network, with a secret of its own.
-    r = cluster.hosts[2].run(
-        [sys.executable, "-c", INTRUDER, f"{cluster.hosts[1].address}:9999"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-        check=False,
-    )
-    assert r.stdout.strip() == "UNAUTHENTICATED", r.stderr
+    answer = ask_for_lease(cluster, 1, None, "intruder")
+    assert answer.startswith("UNAUTHENTICATED"), answer
+    assert child_pids(worker.proc.pid) == before, "no rpc-worker was started"
+
+
+def test_only_the_root_a_worker_follows_gets_a_lease(
+    split_cluster: tuple[Cluster, list[Daemon]], short_dir: Path
+) -> None:
+    cluster, daemons = split_cluster
+    root = root_of(daemons)
+    worker, other = (d for d in daemons if d is not root)
+    assert worker.proc is not None
+    before = child_pids(worker.proc.pid)
+    # A member of the cluster, with the secret, that is not the root.
+    other_id = view(other)["status"]["id"]
+    index = daemons.index(worker)
+    answer = ask_for_lease(cluster, index, short_dir / "cluster.secret", other_id)
+    assert answer == f"ABORTED: this device follows {root.dir.name} as root", answer
     assert child_pids(worker.proc.pid) == before, "no rpc-worker was started"
 
 
@@ -286,3 +318,24 @@ def test_leases_end_with_the_root(split_cluster: tuple[Cluster, list[Daemon]]) -
     assert rpc_workers(), "a split load runs an rpc-worker on a worker"
     assert root.stop() == 0
     wait_until(lambda: not rpc_workers(), 10, "the rpc-workers ending with the root")
+
+
+def test_a_restarted_root_gets_its_leases_again(
+    split_cluster: tuple[Cluster, list[Daemon]],
+) -> None:
+    """Workers serve the root they follow, whatever the root's own history: a root
+    that restarts has seen fewer membership changes than before, and still loads."""
+    _, daemons = split_cluster
+    root = root_of(daemons)
+    last = view(root)["devices"][-1]["name"]  # the device a plan needs least
+    spare = next(d for d in daemons if d.dir.name == last)
+    for _ in range(2):  # changes the root sees before its first lease
+        spare.stop()
+        wait_until(lambda: last not in alive_names(view(root)), 30, f"{last} gone")
+        spare.start()
+        wait_until(lambda: agree(daemons), 30, f"{last} back")
+    assert prompt(root, 4)["completion_tokens"] == 4
+    root.stop()
+    root.start()
+    wait_until(lambda: agree(daemons, root.dir.name), 30, f"{root.dir.name} root again")
+    assert prompt(root, 4)["completion_tokens"] == 4

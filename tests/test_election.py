@@ -22,8 +22,8 @@ from hsmdifd.election import (
     UnknownDevice,
     choose_root,
     elect,
+    grants_lease,
     id_conflicts,
-    is_stale,
     newer_policy,
     rank,
     resolve_priority,
@@ -109,19 +109,13 @@ def test_unknown_current_root_means_plain_election() -> None:
 # Epochs and policies.
 
 
-def test_epoch_order_policy_version_then_generation_then_root() -> None:
-    assert Epoch(2, "a", 0) > Epoch(1, "z", 99)
-    assert Epoch(1, "a", 5) > Epoch(1, "z", 4)
-    assert Epoch(1, "b", 5) > Epoch(1, "a", 5)
-    assert Epoch(1, "a", 5) == Epoch(1, "a", 5)
-
-
-def test_stale_epoch_is_refused_and_current_one_accepted() -> None:
+def test_a_worker_serves_the_root_it_follows_under_a_policy_as_new() -> None:
     current = Epoch(3, "root", 7)
-    assert is_stale(Epoch(3, "root", 6), current)
-    assert is_stale(Epoch(2, "root", 100), current)
-    assert not is_stale(current, current)
-    assert not is_stale(Epoch(4, "other", 0), current)
+    assert grants_lease(current, current)
+    assert grants_lease(Epoch(3, "root", 0), current), "generations are each device's own"
+    assert grants_lease(Epoch(4, "root", 0), current), "the root may hold a newer policy"
+    assert not grants_lease(Epoch(2, "root", 7), current), "an older policy"
+    assert not grants_lease(Epoch(9, "other", 9), current), "not the root this device follows"
 
 
 def test_newer_policy_prefers_higher_version() -> None:
@@ -304,11 +298,11 @@ def test_by_memory_only_elects_the_most_memory(members: list[Member], order: lis
 
 
 @given(epochs, epochs)
-def test_is_stale_agrees_with_epoch_order(a: Epoch, b: Epoch) -> None:
-    assert is_stale(a, b) == (a.key() < b.key()) == (a < b) == (b > a)
-    assert (a == b) == (a.key() == b.key())
-    assert not (is_stale(a, b) and is_stale(b, a))
-    assert not is_stale(max(a, b), a) and not is_stale(max(a, b), b)
+def test_two_roots_never_both_hold_a_worker(a: Epoch, b: Epoch) -> None:
+    current = Epoch(max(a.policy_version, b.policy_version), a.root_id, 0)
+    if a.root_id != b.root_id:
+        assert not (grants_lease(a, current) and grants_lease(b, current))
+    assert grants_lease(a, current) == (a.policy_version == current.policy_version)
 
 
 @given(policies, policies, policies)

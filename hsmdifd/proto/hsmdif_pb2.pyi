@@ -761,7 +761,7 @@ Global___Policy: _TypeAlias = Policy  # noqa: Y015
 
 @_typing.final
 class Epoch(_message.Message):
-    """Who is root, under which policy and membership; carried by what the root asks of others."""
+    """A device's view: the root it follows, under which policy; stamped on the root's leases."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -771,7 +771,7 @@ class Epoch(_message.Message):
     policy_version: _builtins.int
     root_id: _builtins.str
     generation: _builtins.int
-    """the root's membership generation"""
+    """this device's count of membership changes"""
     def __init__(
         self,
         *,
@@ -846,7 +846,7 @@ class LeaseRequest(_message.Message):
     """0: the worker's configured thread count"""
     @_builtins.property
     def epoch(self) -> Global___Epoch:
-        """refused when older than the newest the worker has seen"""
+        """refused unless the worker follows this root, under a policy as new"""
 
     def __init__(
         self,
