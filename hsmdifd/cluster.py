@@ -106,6 +106,7 @@ class Cluster:
         self.root_id = identity.node_id
         self.membership: Membership | None = None
         self._discovery: Discovery | None = None
+        self._background: set[asyncio.Task[None]] = set()  # leases ending on devices gone
         self.changed = asyncio.Event()
 
     @property
@@ -146,6 +147,8 @@ class Cluster:
             await self._discovery.start()
 
     async def stop(self) -> None:
+        for task in self._background:
+            task.cancel()
         if self._discovery is not None:
             await self._discovery.stop()
         if self.membership is not None:
@@ -424,16 +427,28 @@ class Cluster:
         return f"this device follows {self.root_name()} as root"
 
     async def release_leases(self, held: list[Held]) -> None:
+        """End `held`. Leases on devices that are gone end in the background: a frozen
+        device answers late, or never."""
+        live = {m.node_id for m in self.members() if m.live}
+        waits = []
         for lease in held:
             stub = self.membership.stub_for(lease.node_id) if self.membership else None
             if stub is None:
                 continue
-            try:
-                await stub.StopRpc(
-                    pb.LeaseEnd(lease_id=lease.lease_id), timeout=timing.LEASE_TIMEOUT
-                )
-            except grpc.aio.AioRpcError as e:
-                log.info("ending the lease on %s: %s", lease.name, e.code().name)
+            call = self._end_lease(stub, lease)
+            if lease.node_id in live:
+                waits.append(call)
+            else:
+                task = asyncio.create_task(call)
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        await asyncio.gather(*waits)
+
+    async def _end_lease(self, stub: pb_grpc.PeerAsyncStub, lease: Held) -> None:
+        try:
+            await stub.StopRpc(pb.LeaseEnd(lease_id=lease.lease_id), timeout=timing.LEASE_TIMEOUT)
+        except grpc.aio.AioRpcError as e:
+            log.info("ending the lease on %s: %s", lease.name, e.code().name)
 
     def root_name(self) -> str:
         if self.is_root:

@@ -52,6 +52,7 @@ class _Child:
         self.socket_path = socket_path
         self.channel = grpc.aio.insecure_channel(f"unix:{socket_path}")
         self.stub = pb_grpc.EngineStub(self.channel)
+        self.abandoned = ""  # why the daemon ended it mid-request, if it did
 
     @classmethod
     async def start(cls, socket_path: Path) -> _Child:
@@ -90,6 +91,13 @@ def describe_exit(returncode: int | None) -> str:
     return f"exit status {returncode}"
 
 
+def _cancelled_itself() -> bool:
+    """Whether the running task is being cancelled (its client went away), rather than
+    waiting on a call whose channel was closed under it."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class Engine:
     """Supervises at most one engine child; every public method is loop-safe."""
 
@@ -126,8 +134,9 @@ class Engine:
             n_layer=shape.n_layer,
             estimated_bytes=spec.estimated_bytes,
         )
+        child = None
         try:
-            self._child = await _Child.start(self._socket_path)
+            child = self._child = await _Child.start(self._socket_path)
             request = pb.EngineLoadRequest(
                 model_path=shape.path,
                 context_length=spec.context_length,
@@ -137,26 +146,32 @@ class Engine:
             if spec.endpoints:
                 request.n_gpu_layers = spec.plan.n_gpu_layers
                 request.tensor_split.extend(spec.plan.tensor_split)
-            async for event in self._child.stub.Load(request):
+            async for event in child.stub.Load(request):
                 if event.HasField("loaded"):
                     self._info.MergeFrom(event.loaded)
                     self._info.state = pb.READY
-                    self._watch = asyncio.create_task(self._watch_child(self._child))
+                    self._watch = asyncio.create_task(self._watch_child(child))
                     yield pb.LoadEvent(loaded=self._info)
                 else:
                     yield event
-        except (asyncio.CancelledError, GeneratorExit):
-            await self._stop_child()
-            self._info = pb.ModelInfo(state=pb.IDLE)
-            raise
+        except (asyncio.CancelledError, GeneratorExit) as e:
+            if isinstance(e, GeneratorExit) or _cancelled_itself():
+                await self._stop_child()
+                self._info = pb.ModelInfo(state=pb.IDLE)
+                raise
+            raise await self._load_failed(e, child) from e
         except Exception as e:
-            error = await self._failed_child_error(e, "loading", self._child)
-            await self._stop_child()
-            self._info.state = pb.FAILED
-            self._info.error = str(error)
+            error = await self._load_failed(e, child)
             if error is e:
                 raise
             raise error from e
+
+    async def _load_failed(self, error: BaseException, child: _Child | None) -> BaseException:
+        error = await self._failed_child_error(error, "loading", child)
+        await self._stop_child()
+        self._info.state = pb.FAILED
+        self._info.error = str(error)
+        return error
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
         child = self._child
@@ -165,20 +180,42 @@ class Engine:
         try:
             async for event in child.stub.Generate(request):
                 yield event
-        except grpc.aio.AioRpcError as e:
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+            if isinstance(e, asyncio.CancelledError) and _cancelled_itself():
+                raise
             raise await self._failed_child_error(e, "generating", child) from e
+
+    async def abandon(self, reason: str) -> None:
+        """End the child whatever it is doing, when what it waits on will never answer
+        (llama.cpp waits on an RPC worker for ever). The request in flight fails with
+        `reason`; the next prompt loads again."""
+        child = self._child
+        if child is None:
+            return
+        log.error("%s: ending the engine process", reason)
+        child.abandoned = reason
+        await self._stop_child()
+        self._info.state = pb.FAILED
+        self._info.error = reason
 
     async def _failed_child_error(
         self, error: BaseException, doing: str, child: _Child | None
     ) -> BaseException:
         """Turn an error from the child's channel into a sentence for the user.
 
-        The child's death shows as UNAVAILABLE, or as CANCELLED when the watcher
-        closed the channel first; either way the exit status tells.
+        The child's death shows as UNAVAILABLE, or as a cancelled call when the channel
+        was closed first (by the watcher, or by abandon(), which says why); either way
+        the exit status tells.
         """
-        if not isinstance(error, grpc.aio.AioRpcError):
+        cancelled = isinstance(error, asyncio.CancelledError)
+        if not cancelled and not isinstance(error, grpc.aio.AioRpcError):
             return error
-        code = error.code()
+        if child is not None and child.abandoned:
+            return RequestError(grpc.StatusCode.ABORTED, child.abandoned)
+        code = grpc.StatusCode.CANCELLED
+        details = "the call to the engine process was closed"
+        if isinstance(error, grpc.aio.AioRpcError):
+            code, details = error.code(), error.details() or error.code().name
         if child is not None and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(child.proc.wait(), 2.0)
@@ -191,7 +228,7 @@ class Engine:
                 )
         if code == grpc.StatusCode.CANCELLED:
             code = grpc.StatusCode.ABORTED  # the client did not cancel: never pass that on
-        return RequestError(code, error.details() or code.name)
+        return RequestError(code, details)
 
     async def _watch_child(self, child: _Child) -> None:
         returncode = await child.proc.wait()

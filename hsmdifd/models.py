@@ -258,12 +258,26 @@ class Models:
             self._arm_idle_timer()
 
     async def lost_devices(self, live: set[str]) -> None:
-        """Unload when a device holding layers is gone; the next prompt plans anew."""
-        if self._held and not self.placed_on <= live and not self.in_flight:
-            async with self._lock:
-                if self._held and not self.placed_on <= live:
-                    log.warning("a device holding layers is gone: unloading to re-plan")
-                    await self._unload()
+        """A device holding layers is gone: unload, and the next prompt plans anew.
+
+        With an answer or a load in flight, end the engine instead: llama.cpp would
+        wait on that device's RPC worker for ever (a frozen device keeps its
+        connections open), and the request fails naming the device.
+        """
+        gone = [h.name for h in self._held if h.node_id not in live]
+        if not gone:
+            return
+        if self.in_flight or self._lock.locked():
+            await self._engine.abandon(
+                f"{', '.join(gone)} stopped answering (no heartbeat for "
+                f"{self._config.timing.dead_after:g} s) and held layers of the model: "
+                "the request was cut off; the next prompt plans without it"
+            )
+            return
+        async with self._lock:
+            if self._held and not self.placed_on <= live:
+                log.warning("a device holding layers is gone: unloading to re-plan")
+                await self._unload()
 
     async def replan(self) -> None:
         """Reload when the policy or the membership changed and a fresh plan would use

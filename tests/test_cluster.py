@@ -101,6 +101,21 @@ def agree(daemons: list[Daemon], root: str | None = None) -> bool:
     )
 
 
+def start_agreeing(nodes: Nodes, cluster: Cluster) -> tuple[list[Daemon], Daemon, list[Daemon]]:
+    """A daemon on every host, once they agree: all of them, the root, the others."""
+    daemons = [nodes.start(h, f"h{h.index}") for h in cluster.hosts]
+    wait_until(lambda: agree(daemons), 20, "agreement")
+    root_name = view(daemons[0])["status"]["root"]
+    root = next(d for d in daemons if d.dir.name == root_name)
+    return daemons, root, [d for d in daemons if d is not root]
+
+
+def agree_without(survivors: list[Daemon], gone: str) -> bool:
+    """The survivors name one root, and it is not `gone`."""
+    roots = {root_seen_by(d) for d in survivors}
+    return len(roots) == 1 and gone not in roots
+
+
 def wait_until(condition: Any, timeout: float, what: str) -> float:
     """Poll `condition` until it holds; the seconds it took."""
     start = time.monotonic()
@@ -159,24 +174,46 @@ def test_priority_change_on_a_worker_reaches_every_host(nodes: Nodes) -> None:
 
 def test_root_sigkilled_survivors_elect_within_3_s_at_defaults(nodes: Nodes) -> None:
     with Cluster(3) as cluster:
-        daemons = [nodes.start(h, f"h{h.index}") for h in cluster.hosts]
-        wait_until(lambda: agree(daemons), 20, "agreement")
-        root_name = view(daemons[0])["status"]["root"]
-        root = next(d for d in daemons if d.dir.name == root_name)
-        survivors = [d for d in daemons if d is not root]
+        _, root, survivors = start_agreeing(nodes, cluster)
+        root_name = root.dir.name
         killed = sigkill(root)
-
-        def survivors_agree() -> bool:
-            roots = {root_seen_by(d) for d in survivors}
-            return len(roots) == 1 and root_name not in roots
-
-        wait_until(survivors_agree, 10, "a new root")
+        wait_until(lambda: agree_without(survivors, root_name), 10, "a new root")
         took = time.monotonic() - killed
         print(f"survivors agreed on a new root {took:.2f} s after SIGKILL")
         assert took <= 3.0
         for d in survivors:
             states = {x["name"]: x["state"] for x in view(d)["devices"]}
             assert states[root_name] == "dead"
+
+
+def test_a_frozen_root_is_replaced_and_takes_over_again_when_it_wakes(nodes: Nodes) -> None:
+    """A device that stops answering (swapping, suspended) is dead to the others, who
+    go on without it; when it wakes the cluster settles on one root again."""
+    with Cluster(3) as cluster:
+        daemons, root, survivors = start_agreeing(nodes, cluster)
+        root_name = root.dir.name
+        assert root.proc is not None
+        r = root.ctl("prompt", "hello", "--max-tokens", "3", "--json")
+        assert r.returncode == 0, r.stderr
+        root.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(
+                lambda: (
+                    {root_seen_by(d) for d in survivors} - {root_name}
+                    == {root_seen_by(survivors[0])}
+                ),
+                10,
+                "a new root while the old one is frozen",
+            )
+            r = survivors[0].ctl("prompt", "hello", "--max-tokens", "3", "--json")
+            assert r.returncode == 0, r.stderr
+        finally:
+            root.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: agree(daemons, root_name), 20, f"{root_name} root again")
+        r = survivors[1].ctl("prompt", "hello", "--max-tokens", "3", "--json")
+        assert r.returncode == 0, r.stderr
+        assert view(root)["status"]["model"]["state"] == "ready"
+        assert all(view(d)["status"]["role"] == "worker" for d in survivors)
 
 
 def test_prompt_on_a_worker_is_answered_by_the_root(nodes: Nodes, tiny_model: Path) -> None:

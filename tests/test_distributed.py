@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -339,3 +341,34 @@ def test_a_restarted_root_gets_its_leases_again(
     root.start()
     wait_until(lambda: agree(daemons, root.dir.name), 30, f"{root.dir.name} root again")
     assert prompt(root, 4)["completion_tokens"] == 4
+
+
+def test_worker_frozen_mid_generation(split_cluster: tuple[Cluster, list[Daemon]]) -> None:
+    """A device holding layers that stops answering (suspended, swapping) cuts the answer
+    off with its name once it counts as dead; nothing waits on it for ever."""
+    _, daemons = split_cluster
+    root = root_of(daemons)
+    assert root.ctl("load").returncode == 0
+    shares = {d["name"] for d in view(root)["devices"] if d["layers"]}
+    worker = next(d for d in daemons if d.dir.name in shares and d is not root)
+    assert worker.proc is not None
+    (rpc_worker,) = child_pids(worker.proc.pid)
+    frozen = [worker.proc.pid, rpc_worker]
+    answer = root.ctl_popen("prompt", PROMPT, "--raw", "--temperature", "0", "--max-tokens", "400")
+    assert answer.stdout is not None
+    answer.stdout.read(1)  # the answer has started
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        _, err = answer.communicate(timeout=60)
+        assert answer.returncode == 1
+        assert f"{worker.dir.name} stopped answering" in err, err
+        # The next prompt plans without it, while it is still frozen.
+        assert prompt(root, 4)["completion_tokens"] == 4
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    # Woken, it ends the lease it held (the root may lease it anew, but the old
+    # rpc-worker and the layers it holds go).
+    wait_until(lambda: not psutil.pid_exists(rpc_worker), 30, "the old lease ending")
+    assert root.proc is not None and root.proc.poll() is None
