@@ -8,11 +8,12 @@ its peers, and every device computes the root from the same inputs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,17 @@ from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
+
+
+@dataclass
+class Forwarded:
+    """A call this device made to the root, cancelled if the root stops being live
+    (a frozen root keeps its connections open: the call would wait for ever)."""
+
+    root_id: str
+    root_name: str
+    call: grpc.aio.Call
+    orphaned: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,7 @@ class Cluster:
         self.membership: Membership | None = None
         self._discovery: Discovery | None = None
         self._background: set[asyncio.Task[None]] = set()  # leases ending on devices gone
+        self._forwarded: list[Forwarded] = []
         self.changed = asyncio.Event()
 
     @property
@@ -319,6 +332,26 @@ class Cluster:
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, BaseException):
                 log.warning("pushing the policy failed for a peer: %s", result)
+
+    @contextlib.contextmanager
+    def forwarding(self, call: grpc.aio.Call) -> Iterator[Forwarded]:
+        """Watch `call`, just made to the root, until it ends."""
+        forwarded = Forwarded(self.root_id, self.root_name(), call)
+        self._forwarded.append(forwarded)
+        try:
+            yield forwarded
+        finally:
+            self._forwarded.remove(forwarded)
+
+    def cancel_orphaned(self, live: set[str]) -> None:
+        """Cancel the calls to a root that is no longer live."""
+        for forwarded in self._forwarded:
+            if forwarded.root_id not in live and not forwarded.orphaned:
+                log.warning(
+                    "the root %s stopped answering: ending a call to it", forwarded.root_name
+                )
+                forwarded.orphaned = True
+                forwarded.call.cancel()
 
     def root_stub(self) -> tuple[pb_grpc.PeerAsyncStub, str]:
         """The stub and name of the root when it is another device."""

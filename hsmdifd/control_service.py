@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import grpc
 
 from hsmdifd import __version__
-from hsmdifd.cluster import Cluster
+from hsmdifd.cluster import Cluster, Forwarded
 from hsmdifd.errors import RequestError
 from hsmdifd.models import Models
 from hsmdifd.proto import hsmdif_pb2 as pb
@@ -125,10 +125,7 @@ class ControlService(pb_grpc.ControlServicer):
             if self._cluster.is_root:
                 return await self._models.describe(request)
             stub, _ = self._cluster.root_stub()
-            try:
-                return await stub.Plan(request)
-            except grpc.aio.AioRpcError as e:
-                raise _from_root(e, self._cluster.root_name()) from e
+            return await _ask_root(self._cluster, stub.Plan(request))
         except RequestError as e:
             await context.abort(e.code, str(e))
             raise  # unreachable: abort raises
@@ -139,8 +136,8 @@ class ControlService(pb_grpc.ControlServicer):
                 async for event in self._models.load(request):
                     yield event
             else:
-                stub, name = self._cluster.root_stub()
-                async for event in _relay(stub.Load(request), name):
+                stub, _ = self._cluster.root_stub()
+                async for event in _relay(self._cluster, stub.Load(request)):
                     yield event
         except RequestError as e:
             log.warning("load refused: %s", e)
@@ -151,10 +148,9 @@ class ControlService(pb_grpc.ControlServicer):
             return pb.UnloadReply(was_loaded=await self._models.unload())
         try:
             stub, _ = self._cluster.root_stub()
-            return await stub.Unload(request)
-        except (RequestError, grpc.aio.AioRpcError) as e:
-            error = e if isinstance(e, RequestError) else _from_root(e, self._cluster.root_name())
-            await context.abort(error.code, str(error))
+            return await _ask_root(self._cluster, stub.Unload(request))
+        except RequestError as e:
+            await context.abort(e.code, str(e))
             raise  # unreachable: abort raises
 
     async def Generate(
@@ -166,15 +162,26 @@ class ControlService(pb_grpc.ControlServicer):
                 async for event in self._models.generate(request):
                     yield event
             else:
-                stub, name = self._cluster.root_stub()
-                async for event in _relay(stub.Generate(request), name):
+                stub, _ = self._cluster.root_stub()
+                async for event in _relay(self._cluster, stub.Generate(request)):
                     yield event
         except RequestError as e:
             log.warning("generation failed: %s", e)
             await context.abort(e.code, str(e))
 
 
-def _from_root(error: grpc.aio.AioRpcError, root: str) -> RequestError:
+def _from_root(error: BaseException, forwarded: Forwarded) -> RequestError | None:
+    """The sentence for a call to the root that failed; None when it was this
+    request that was cancelled (its client went away)."""
+    root = forwarded.root_name
+    if forwarded.orphaned:
+        return RequestError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the root ({root}) stopped answering and counts as gone; ask again: the "
+            "devices left choose another root",
+        )
+    if not isinstance(error, grpc.aio.AioRpcError):
+        return None
     details = error.details() or error.code().name
     if error.code() == grpc.StatusCode.UNAVAILABLE:
         details = f"the root ({root}) cannot be reached: {details}"
@@ -183,10 +190,24 @@ def _from_root(error: grpc.aio.AioRpcError, root: str) -> RequestError:
     return RequestError(error.code(), details)
 
 
-async def _relay(call: grpc.aio.UnaryStreamCall[Any, T], root: str) -> AsyncIterator[T]:
+async def _ask_root(cluster: Cluster, call: grpc.aio.UnaryUnaryCall[Any, T]) -> T:
+    """The root's answer to `call`; its errors name the root."""
+    with cluster.forwarding(call) as forwarded:
+        try:
+            return await call
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+            if error := _from_root(e, forwarded):
+                raise error from e
+            raise
+
+
+async def _relay(cluster: Cluster, call: grpc.aio.UnaryStreamCall[Any, T]) -> AsyncIterator[T]:
     """Pass a stream from the root on; its errors name the root."""
-    try:
-        async for event in call:
-            yield event
-    except grpc.aio.AioRpcError as e:
-        raise _from_root(e, root) from e
+    with cluster.forwarding(call) as forwarded:
+        try:
+            async for event in call:
+                yield event
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+            if error := _from_root(e, forwarded):
+                raise error from e
+            raise

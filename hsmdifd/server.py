@@ -250,6 +250,7 @@ class Daemon:
 
     async def _follow_change(self, cluster: Cluster, models: Models) -> None:
         live = {m.node_id for m in cluster.members() if m.live}
+        cluster.cancel_orphaned(live)
         if self._leases is not None:
             await self._leases.holder_gone(live)
         if not cluster.is_root:

@@ -364,3 +364,25 @@ def test_no_takeover_while_the_root_is_generating(nodes: Nodes, short_dir: Path)
         assert "Generated 2000 tokens" in err
         # Then the device named first takes over.
         wait_until(lambda: agree(daemons, other.dir.name), 10, "the takeover")
+
+
+def test_root_frozen_mid_answer_ends_the_forwarded_answer(nodes: Nodes, short_dir: Path) -> None:
+    """A prompt given on a worker, when the root freezes mid-answer, ends with a
+    sentence naming the root instead of waiting for it; the next one is answered."""
+    nodes.model = slow_model(short_dir)
+    with Cluster(2) as cluster:
+        _, root, (worker,) = start_agreeing(nodes, cluster)
+        assert root.proc is not None
+        assert root.ctl("load", "--max-seq-len", "2048").returncode == 0
+        answer = worker.ctl_popen("prompt", "once", "--raw", "--max-tokens", "2000")
+        assert answer.stdout is not None
+        answer.stdout.read(1)  # the answer is streaming from the root
+        root.proc.send_signal(signal.SIGSTOP)
+        try:
+            _, err = answer.communicate(timeout=60)
+            assert answer.returncode == 1
+            assert f"the root ({root.dir.name}) stopped answering" in err, err
+            r = worker.ctl("prompt", "hello", "--max-tokens", "3", "--json")
+            assert r.returncode == 0, r.stderr
+        finally:
+            root.proc.send_signal(signal.SIGCONT)
