@@ -353,13 +353,13 @@ class Cluster:
                 forwarded.orphaned = True
                 forwarded.call.cancel()
 
-    def root_stub(self) -> tuple[pb_grpc.PeerAsyncStub, str]:
-        """The stub and name of the root when it is another device."""
+    def root_stub(self) -> pb_grpc.PeerAsyncStub:
+        """The stub of the root when it is another device."""
         stub = self.membership.stub_for(self.root_id) if self.membership else None
         status = self.membership.status_of(self.root_id) if self.membership else None
         if stub is None or status is None:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the root is not reachable yet; retry")
-        return stub, status.device.name
+        return stub
 
     def policy_for_people(self) -> pb.Policy:
         """The policy with the names of the devices it orders."""

@@ -124,7 +124,7 @@ class ControlService(pb_grpc.ControlServicer):
         try:
             if self._cluster.is_root:
                 return await self._models.describe(request)
-            stub, _ = self._cluster.root_stub()
+            stub = self._cluster.root_stub()
             return await _ask_root(self._cluster, stub.Plan(request))
         except RequestError as e:
             await context.abort(e.code, str(e))
@@ -136,7 +136,7 @@ class ControlService(pb_grpc.ControlServicer):
                 async for event in self._models.load(request):
                     yield event
             else:
-                stub, _ = self._cluster.root_stub()
+                stub = self._cluster.root_stub()
                 async for event in _relay(self._cluster, stub.Load(request)):
                     yield event
         except RequestError as e:
@@ -147,7 +147,7 @@ class ControlService(pb_grpc.ControlServicer):
         if self._cluster.is_root:
             return pb.UnloadReply(was_loaded=await self._models.unload())
         try:
-            stub, _ = self._cluster.root_stub()
+            stub = self._cluster.root_stub()
             return await _ask_root(self._cluster, stub.Unload(request))
         except RequestError as e:
             await context.abort(e.code, str(e))
@@ -162,7 +162,7 @@ class ControlService(pb_grpc.ControlServicer):
                 async for event in self._models.generate(request):
                     yield event
             else:
-                stub, _ = self._cluster.root_stub()
+                stub = self._cluster.root_stub()
                 async for event in _relay(self._cluster, stub.Generate(request)):
                     yield event
         except RequestError as e:

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -63,6 +63,14 @@ class _Loaded:
     llm: Any  # llama_cpp.Llama
     formatter: Any  # llama_cpp.llama_chat_format.Jinja2ChatFormatter
     n_ctx: int
+    pieces: dict[int, bytes] = field(default_factory=dict)  # token -> its bytes, as met
+
+    def piece(self, token: int) -> bytes:
+        """A token's bytes: llama-cpp-python's detokenize takes 40 us, a lookup nothing."""
+        piece = self.pieces.get(token)
+        if piece is None:
+            piece = self.pieces[token] = self.llm.detokenize([token])
+        return piece
 
 
 def _load(request: pb.EngineLoadRequest, progress: queue.Queue[float]) -> _Loaded:
@@ -208,7 +216,7 @@ def _generate(
             finish = "stop"
             break
         produced += 1
-        text = decoder.decode(llm.detokenize([token]))
+        text = decoder.decode(loaded.piece(token))
         if strip_leading and text:
             text = text.lstrip()
             strip_leading = not text
