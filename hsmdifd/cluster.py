@@ -253,6 +253,12 @@ class Cluster:
         announced = self._announced_root(current, live)
         if announced is not None:
             new_root = announced
+            elected = election.elect(members, self.policy)
+            if announced == me and elected is not None and elected.node_id != me:
+                # Named by a root that has not yet seen this device hand the root over
+                # to it: taking it back would have the two hand it to each other for
+                # ever. Wait until the announcement follows the election.
+                new_root = current
         else:
             busy_roots = [
                 m.node_id
