@@ -88,6 +88,7 @@ class Models:
         self._idle_task: asyncio.Task[None] | None = None
         self._held: list[Held] = []
         self._last_request: pb.LoadRequest | None = None
+        self._reload = False  # the next prompt loads _last_request again
         self._loaded: tuple[ModelShape, planner.Plan, tuple[int, int]] | None = None
         self.in_flight = 0
 
@@ -229,6 +230,7 @@ class Models:
 
     async def unload(self) -> bool:
         async with self._lock:
+            self._reload = False
             return await self._unload()
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
@@ -238,8 +240,14 @@ class Models:
             async with self._lock:
                 self._cancel_idle_timer()
                 if self._engine.state != pb.READY:
-                    # After a failure, what was loaded last, planned anew; else the default.
-                    again = self._last_request if self._engine.state == pb.FAILED else None
+                    # After a failure or an unload to plan anew, what was loaded last;
+                    # else the default.
+                    again = (
+                        self._last_request
+                        if self._reload or self._engine.state == pb.FAILED
+                        else None
+                    )
+                    self._reload = False
                     async for load_event in self._load(again or pb.LoadRequest()):
                         if load_event.HasField("progress"):
                             yield pb.GenerateEvent(loading=load_event.progress)
@@ -276,8 +284,25 @@ class Models:
             return
         async with self._lock:
             if self._held and not self.placed_on <= live:
-                log.warning("a device holding layers is gone: unloading to re-plan")
-                await self._unload()
+                await self._unload_to_replan("a device holding layers is gone")
+
+    async def leases_lost(self, stalled: float) -> None:
+        """This device stopped for `stalled` seconds, long enough for the devices
+        holding layers to count it as gone and end their leases."""
+        if self._held and not self.in_flight:
+            async with self._lock:
+                await self._unload_to_replan(
+                    f"this device stopped for {stalled:.1f} s and its leases ended"
+                )
+
+    async def _unload_to_replan(self, why: str) -> None:
+        """Unload what is split over devices; the next prompt loads it again, planned
+        anew over the devices there are then."""
+        if self._loaded is None:
+            return
+        log.warning("%s: unloading %s to plan it anew", why, self.info.path)
+        await self._unload()
+        self._reload = True
 
     async def replan(self) -> None:
         """Reload when the policy or the membership changed and a fresh plan would use

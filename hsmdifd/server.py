@@ -187,6 +187,8 @@ class Daemon:
             self._tasks.append(asyncio.create_task(notify.watchdog_loop(interval)))
         self._tasks.append(asyncio.create_task(self._refresh_device()))
         self._tasks.append(asyncio.create_task(self._follow_root()))
+        if secret:
+            self._tasks.append(asyncio.create_task(self._notice_own_stalls()))
         log.info(
             "hsmdifd %s (%s) ready on %s%s",
             self.identity.name,
@@ -270,6 +272,21 @@ class Daemon:
             except Exception:
                 log.exception("measuring this device failed")
             await asyncio.sleep(timing.DEVICE_REFRESH)
+
+    async def _notice_own_stalls(self) -> None:
+        """Notice when this device itself stopped (suspended, swapping, SIGSTOP) for
+        long enough that its peers counted it as gone: they ended the leases it held,
+        so a model split over them is loaded anew rather than failing the next
+        prompt. The boot-time clock also runs while the system sleeps."""
+        assert self.cluster is not None and self._models is not None
+        interval = self.config.timing.heartbeat_interval
+        before = time.clock_gettime(time.CLOCK_BOOTTIME)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.clock_gettime(time.CLOCK_BOOTTIME)
+            stalled, before = now - before - interval, now
+            if stalled > self.config.timing.dead_after:
+                await self._models.leases_lost(stalled)
 
     def handle_exit(self) -> None:
         if self._stop.is_set():

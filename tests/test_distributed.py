@@ -372,3 +372,23 @@ def test_worker_frozen_mid_generation(split_cluster: tuple[Cluster, list[Daemon]
     # rpc-worker and the layers it holds go).
     wait_until(lambda: not psutil.pid_exists(rpc_worker), 30, "the old lease ending")
     assert root.proc is not None and root.proc.poll() is None
+
+
+def test_a_root_that_froze_answers_the_first_prompt_after(
+    split_cluster: tuple[Cluster, list[Daemon]],
+) -> None:
+    """While the root was stopped its workers counted it as gone and ended their leases;
+    on waking it loads the model anew, and the first prompt is answered."""
+    _, daemons = split_cluster
+    root = root_of(daemons)
+    assert root.proc is not None
+    assert root.ctl("load").returncode == 0
+    leased = [pid for d in daemons if d is not root and d.proc for pid in child_pids(d.proc.pid)]
+    assert leased, "a split load runs an rpc-worker on a worker"
+    root.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: not any(map(psutil.pid_exists, leased)), 30, "the leases ending")
+    finally:
+        root.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: agree(daemons, root.dir.name), 30, f"{root.dir.name} root again")
+    assert prompt(root, 4)["completion_tokens"] == 4
