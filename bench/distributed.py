@@ -174,15 +174,22 @@ def main() -> None:
     result = {
         "decode_ratio": min(r["decode_ratio"] for r in by_hosts.values()),
         "by_hosts": by_hosts,
+        **run_facts(model, args.tokens, args.reps),
+    }
+    merge_results(args.results, "distributed", result)
+
+
+def run_facts(model: Path, tokens: int, reps: int) -> dict[str, Any]:
+    """How a distributed or scaling run was made, for results.json."""
+    return {
         "model": MODEL.name,
         "model_mb": round(model.stat().st_size / MIB),
         "threads_per_host": 1,
         "cpu_quota_per_host": CPU_QUOTA,
-        "tokens": args.tokens,
-        "reps": args.reps,
+        "tokens": tokens,
+        "reps": reps,
         "context": N_CTX,
     }
-    merge_results(args.results, "distributed", result)
 
 
 if __name__ == "__main__":

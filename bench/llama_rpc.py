@@ -37,9 +37,10 @@ from hsmdifd import rpc
 PROMPT = "once upon a time"
 
 
-def generate(llm: Any, tokens: int) -> dict[str, float]:
-    """Time a greedy generation of `tokens` tokens."""
-    prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=False)
+def generate(llm: Any, tokens: int, text: str = PROMPT) -> dict[str, float]:
+    """Time a greedy generation of `tokens` tokens after `text`: time to first token,
+    then tokens per second from the first token to the last."""
+    prompt = llm.tokenize(text.encode(), add_bos=True, special=False)
     start = time.perf_counter()
     first = 0.0
     produced = 0

@@ -15,8 +15,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from bench.common import MIB, N_CTX, RESULTS, merge_results
-from bench.distributed import CPU_QUOTA, MODEL, measure
+from bench.common import RESULTS, merge_results
+from bench.distributed import MODEL, measure, run_facts
 
 
 def main() -> None:
@@ -50,13 +50,7 @@ def main() -> None:
         )
     result = {
         "by_hosts": by_hosts,
-        "model": MODEL.name,
-        "model_mb": round(model.stat().st_size / MIB),
-        "threads_per_host": 1,
-        "cpu_quota_per_host": CPU_QUOTA,
-        "tokens": args.tokens,
-        "reps": args.reps,
-        "context": N_CTX,
+        **run_facts(model, args.tokens, args.reps),
     }
     merge_results(args.results, "scaling", result)
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.llama_rpc import generate
 from hsmdifd.bundled import ensure_bundled_model
 
 ROOT = Path(__file__).parent.parent
@@ -36,18 +37,8 @@ def cache_dir() -> Path:
 
 def run_direct(llm: Any, tokens: int) -> tuple[float, float]:
     """(time to first token in ms, decode tokens/s) of llama-cpp-python's own loop."""
-    prompt = llm.tokenize(PROMPT.encode(), add_bos=True)
-    start = time.perf_counter()
-    first = 0.0
-    produced = 0
-    for _token in llm.generate(prompt, temp=0.0, top_k=40, top_p=0.95, min_p=0.05, reset=True):
-        produced += 1
-        if produced == 1:
-            first = time.perf_counter()
-        if produced >= tokens:
-            break
-    end = time.perf_counter()
-    return (first - start) * 1000, (produced - 1) / (end - first)
+    timing = generate(llm, tokens, PROMPT)
+    return timing["ttft_ms"], timing["tokens_per_s"]
 
 
 def run_hsmdif(socket: Path, tokens: int) -> tuple[float, float]:
