@@ -284,9 +284,10 @@ class Daemon:
         while True:
             await asyncio.sleep(interval)
             now = time.clock_gettime(time.CLOCK_BOOTTIME)
-            stalled, before = now - before - interval, now
-            if stalled > self.config.timing.dead_after:
-                await self._models.leases_lost(stalled)
+            gap, before = now - before, now
+            # Peers heard nothing for up to the gap plus a heartbeat interval.
+            if gap + interval > self.config.timing.dead_after:
+                await self._models.leases_lost(gap)
 
     def handle_exit(self) -> None:
         if self._stop.is_set():
