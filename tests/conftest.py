@@ -87,6 +87,11 @@ class Daemon:
     def state_dir(self) -> Path:
         return self.dir / "state"
 
+    @property
+    def log_path(self) -> Path:
+        """The daemon's stderr: a file, so that a chatty daemon never blocks on a pipe."""
+        return self.dir / "hsmdifd.log"
+
     def start(self, env: dict[str, str] | None = None) -> None:
         self.notify = NotifySocket(self.dir / f"notify-{time.monotonic_ns()}.sock")
         cmd = [
@@ -105,15 +110,16 @@ class Daemon:
         full_env = {**os.environ, "NOTIFY_SOCKET": str(self.notify.path), **(env or {})}
         if self.host is not None:
             cmd = self.host.command(cmd)
-        self.proc = subprocess.Popen(
-            cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
+        with self.log_path.open("a") as log:
+            self.proc = subprocess.Popen(
+                cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=log, text=True
+            )
         try:
             self.notify.wait_for("READY=1")
         except TimeoutError:
             self.proc.kill()
-            _, err = self.proc.communicate()
-            raise AssertionError(f"hsmdifd did not become ready:\n{err}") from None
+            self.proc.wait()
+            raise AssertionError(f"hsmdifd did not become ready:\n{self.log()}") from None
 
     def ctl(
         self, *args: str, input: str | None = None, timeout: float = 120
@@ -144,10 +150,22 @@ class Daemon:
         return self.proc.returncode
 
     def log(self) -> str:
-        assert self.proc is not None and self.proc.stderr is not None
-        if self.proc.poll() is None:
-            return "(still running)"
-        return self.proc.stderr.read()
+        """Everything the daemon has written to stderr so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def stop_all(daemons: list[Daemon]) -> None:
+    """Stop the daemons still running and print what each one logged: pytest shows
+    it when the test failed."""
+    for d in daemons:
+        if d.proc is not None and d.proc.poll() is None:
+            children = child_pids(d.proc.pid)
+            d.stop()
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    for d in daemons:
+        print(f"---- {d.dir.name}: hsmdifd's log ----\n{d.log()}")
 
 
 REPO = Path(__file__).parent.parent
@@ -222,13 +240,7 @@ def make_daemon(short_dir: Path, tiny_model: Path) -> Iterator[MakeDaemon]:
         return made[-1]
 
     yield make
-    for d in made:
-        if d.proc is not None and d.proc.poll() is None:
-            children = child_pids(d.proc.pid)
-            d.stop()
-            for pid in children:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+    stop_all(made)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 from hsmdifd.auth import write_secret_file
 from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
-from tests.conftest import Daemon, slow_model, write_config
+from tests.conftest import Daemon, slow_model, stop_all, write_config
 from tests.netns import Cluster, Host, require_root_netns
 
 pytestmark = pytest.mark.netns
@@ -57,17 +57,12 @@ class Nodes:
         self.daemons.append(d)
         return d
 
-    def stop_all(self) -> None:
-        for d in self.daemons:
-            if d.proc is not None and d.proc.poll() is None:
-                d.stop()
-
 
 @pytest.fixture
 def nodes(short_dir: Path, tiny_model: Path) -> Iterator[Nodes]:
     n = Nodes(short_dir, tiny_model)
     yield n
-    n.stop_all()
+    stop_all(n.daemons)
 
 
 def root_seen_by(d: Daemon) -> str:

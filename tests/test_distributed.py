@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from hsmdifd.auth import write_secret_file
-from tests.conftest import REPO, Daemon, child_pids, free_port_in, write_config
+from tests.conftest import REPO, Daemon, child_pids, free_port_in, stop_all, write_config
 from tests.netns import Cluster, Host, require_root_netns
 from tests.test_cluster import agree, alive_names, view, wait_until
 from tests.tinymodel import write_tiny_llama
@@ -62,9 +62,7 @@ def split_cluster(short_dir: Path, big_model: Path) -> Iterator[tuple[Cluster, l
         daemons = [start(h, short_dir, f"h{h.index}", big_model, secret) for h in cluster.hosts]
         wait_until(lambda: agree(daemons), 30, "agreement")
         yield cluster, daemons
-        for d in daemons:
-            if d.proc is not None and d.proc.poll() is None:
-                d.stop()
+        stop_all(daemons)
 
 
 def root_of(daemons: list[Daemon]) -> Daemon:
