@@ -48,6 +48,7 @@ def status_dict(reply: pb.StatusReply) -> dict[str, Any]:
         "name": reply.name,
         "role": reply.role,
         "root": reply.root_name,
+        "generating": reply.generating,
         "address": reply.address,
         "version": reply.version,
         "uptime_seconds": round(reply.uptime_seconds, 1),
@@ -71,7 +72,7 @@ def status_text(reply: pb.StatusReply) -> str:
     lines = [
         f"node:    {reply.name} ({reply.node_id})",
         f"role:    {reply.role}",
-        f"root:    {reply.root_name}",
+        f"root:    {reply.root_name}{', answering' if reply.generating else ''}",
         f"address: {reply.address}",
         f"policy:  version {reply.policy.version}, {policy_text(reply.policy)}",
     ]

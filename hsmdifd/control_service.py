@@ -87,6 +87,7 @@ class ControlService(pb_grpc.ControlServicer):
             epoch=cluster.epoch_pb(),
             policy=cluster.policy_for_people(),
             warning=warning,
+            generating=self._root_generating(),
         )
 
     async def Devices(self, request: pb.DevicesRequest, context: Context) -> pb.DevicesReply:
@@ -100,12 +101,22 @@ class ControlService(pb_grpc.ControlServicer):
                 d.share_bytes = shares[d.id].bytes
         return pb.DevicesReply(devices=devices)
 
+    def _root_status(self) -> pb.PeerStatus | None:
+        """What the root last said of itself, when it is another device."""
+        cluster = self._cluster
+        return cluster.membership.status_of(cluster.root_id) if cluster.membership else None
+
+    def _root_generating(self) -> bool:
+        if self._cluster.is_root:
+            return self._models.in_flight > 0
+        status = self._root_status()
+        return status is not None and status.generating
+
     def _model_info(self) -> pb.ModelInfo:
         """The loaded model, as the root reports it."""
-        cluster = self._cluster
-        if cluster.is_root:
+        if self._cluster.is_root:
             return self._models.info
-        status = cluster.membership.status_of(cluster.root_id) if cluster.membership else None
+        status = self._root_status()
         return status.model if status else pb.ModelInfo()
 
     async def SetPriority(self, request: pb.SetPriorityRequest, context: Context) -> pb.Policy:

@@ -120,7 +120,14 @@ def test_same_seed_repeats(daemon: Daemon) -> None:
 def test_answer_streams_while_it_is_generated(slow_daemon: Daemon) -> None:
     with grpc.insecure_channel(f"unix:{slow_daemon.socket}") as channel:
         stub = pb_grpc.ControlStub(channel)
-        arrived = [(time.monotonic(), e) for e in stub.Generate(LONG_ANSWER)]
+        arrived: list[tuple[float, pb.GenerateEvent]] = []
+        for event in stub.Generate(LONG_ANSWER):
+            if not arrived:
+                answering = stub.Status(pb.StatusRequest(), timeout=5).generating
+            arrived.append((time.monotonic(), event))
+        answered = stub.Status(pb.StatusRequest(), timeout=5).generating
+    # Status tells whether an answer is being generated.
+    assert answering and not answered
     texts = [at for at, e in arrived if e.WhichOneof("event") == "text"]
     ended, last = arrived[-1]
     assert last.done.completion_tokens == 2000 and last.done.finish_reason == "length"

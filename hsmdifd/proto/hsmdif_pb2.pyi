@@ -404,6 +404,7 @@ class StatusReply(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     WARNING_FIELD_NUMBER: _builtins.int
+    GENERATING_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     name: _builtins.str
     role: _builtins.str
@@ -414,6 +415,8 @@ class StatusReply(_message.Message):
     uptime_seconds: _builtins.float
     warning: _builtins.str
     """e.g. a duplicate node id"""
+    generating: _builtins.bool
+    """the root has an answer in flight"""
     @_builtins.property
     def model(self) -> Global___ModelInfo: ...
     @_builtins.property
@@ -434,10 +437,11 @@ class StatusReply(_message.Message):
         epoch: Global___Epoch | None = ...,
         policy: Global___Policy | None = ...,
         warning: _builtins.str = ...,
+        generating: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "model", b"model", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "epoch", b"epoch", "model", b"model", "name", b"name", "node_id", b"node_id", "policy", b"policy", "role", b"role", "root_name", b"root_name", "uptime_seconds", b"uptime_seconds", "version", b"version", "warning", b"warning"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "epoch", b"epoch", "generating", b"generating", "model", b"model", "name", b"name", "node_id", b"node_id", "policy", b"policy", "role", b"role", "root_name", b"root_name", "uptime_seconds", b"uptime_seconds", "version", b"version", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
