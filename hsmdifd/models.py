@@ -289,8 +289,11 @@ class Models:
     async def leases_lost(self, stalled: float) -> None:
         """This device stopped for `stalled` seconds, long enough for the devices
         holding layers to count it as gone and end their leases."""
-        if self._held and not self.in_flight:
-            async with self._lock:
+        ended = self._held
+        if not ended or self.in_flight:
+            return
+        async with self._lock:
+            if self._held is ended:  # not loaded anew, on fresh leases, while this waited
                 await self._unload_to_replan(
                     f"this device stopped for {stalled:.1f} s and its leases ended"
                 )
