@@ -359,11 +359,14 @@ class Cluster:
                 forwarded.orphaned = True
                 forwarded.call.cancel()
 
+    def root_status(self) -> pb.PeerStatus | None:
+        """What the root last said of itself, when it is another device."""
+        return self.membership.status_of(self.root_id) if self.membership else None
+
     def root_stub(self) -> pb_grpc.PeerAsyncStub:
         """The stub of the root when it is another device."""
         stub = self.membership.stub_for(self.root_id) if self.membership else None
-        status = self.membership.status_of(self.root_id) if self.membership else None
-        if stub is None or status is None:
+        if stub is None or self.root_status() is None:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the root is not reachable yet; retry")
         return stub
 
@@ -492,7 +495,7 @@ class Cluster:
     def root_name(self) -> str:
         if self.is_root:
             return self.identity.name
-        status = self.membership.status_of(self.root_id) if self.membership else None
+        status = self.root_status()
         return status.device.name if status else self.root_id
 
     def devices(self) -> list[pb.DeviceProfile]:

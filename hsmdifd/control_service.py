@@ -101,22 +101,17 @@ class ControlService(pb_grpc.ControlServicer):
                 d.share_bytes = shares[d.id].bytes
         return pb.DevicesReply(devices=devices)
 
-    def _root_status(self) -> pb.PeerStatus | None:
-        """What the root last said of itself, when it is another device."""
-        cluster = self._cluster
-        return cluster.membership.status_of(cluster.root_id) if cluster.membership else None
-
     def _root_generating(self) -> bool:
         if self._cluster.is_root:
             return self._models.in_flight > 0
-        status = self._root_status()
+        status = self._cluster.root_status()
         return status is not None and status.generating
 
     def _model_info(self) -> pb.ModelInfo:
         """The loaded model, as the root reports it."""
         if self._cluster.is_root:
             return self._models.info
-        status = self._root_status()
+        status = self._cluster.root_status()
         return status.model if status else pb.ModelInfo()
 
     async def SetPriority(self, request: pb.SetPriorityRequest, context: Context) -> pb.Policy:
