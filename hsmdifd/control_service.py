@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -196,24 +197,26 @@ def _from_root(error: BaseException, forwarded: Forwarded) -> RequestError | Non
     return RequestError(error.code(), details)
 
 
-async def _ask_root(cluster: Cluster, call: grpc.aio.UnaryUnaryCall[Any, T]) -> T:
-    """The root's answer to `call`; its errors name the root."""
+@contextlib.contextmanager
+def _naming_the_root(cluster: Cluster, call: grpc.aio.Call) -> Iterator[None]:
+    """Watch `call`, made to the root, and turn its errors into sentences naming it."""
     with cluster.forwarding(call) as forwarded:
         try:
-            return await call
+            yield
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
             if error := _from_root(e, forwarded):
                 raise error from e
             raise
+
+
+async def _ask_root(cluster: Cluster, call: grpc.aio.UnaryUnaryCall[Any, T]) -> T:
+    """The root's answer to `call`; its errors name the root."""
+    with _naming_the_root(cluster, call):
+        return await call
 
 
 async def _relay(cluster: Cluster, call: grpc.aio.UnaryStreamCall[Any, T]) -> AsyncIterator[T]:
     """Pass a stream from the root on; its errors name the root."""
-    with cluster.forwarding(call) as forwarded:
-        try:
-            async for event in call:
-                yield event
-        except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
-            if error := _from_root(e, forwarded):
-                raise error from e
-            raise
+    with _naming_the_root(cluster, call):
+        async for event in call:
+            yield event
