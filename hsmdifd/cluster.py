@@ -220,6 +220,10 @@ class Cluster:
         peers = self.membership.members() if self.membership else []
         return [me, *(m for m in peers if m.node_id != me.node_id)]
 
+    def live_ids(self) -> set[str]:
+        """The node ids of the live devices, this one included."""
+        return {m.node_id for m in self.members() if m.live}
+
     @property
     def refused(self) -> str:
         """The address of the device whose id this one duplicates, or ''."""
@@ -471,7 +475,7 @@ class Cluster:
     async def release_leases(self, held: list[Held]) -> None:
         """End `held`. Leases on devices that are gone end in the background: a frozen
         device answers late, or never."""
-        live = {m.node_id for m in self.members() if m.live}
+        live = self.live_ids()
         waits = []
         for lease in held:
             stub = self.membership.stub_for(lease.node_id) if self.membership else None

@@ -251,7 +251,7 @@ class Daemon:
                 log.exception("following a change in the cluster failed")
 
     async def _follow_change(self, cluster: Cluster, models: Models) -> None:
-        live = {m.node_id for m in cluster.members() if m.live}
+        live = cluster.live_ids()
         cluster.cancel_orphaned(live)
         if self._leases is not None:
             await self._leases.holder_gone(live)
