@@ -219,11 +219,8 @@ def test_a_frozen_root_is_replaced_and_takes_over_again_when_it_wakes(nodes: Nod
 
 def test_prompt_on_a_worker_is_answered_by_the_root(nodes: Nodes, tiny_model: Path) -> None:
     with Cluster(2) as cluster:
-        daemons = [nodes.start(h, f"h{h.index}") for h in cluster.hosts]
-        wait_until(lambda: agree(daemons), 20, "agreement")
-        root_name = view(daemons[0])["status"]["root"]
-        root = next(d for d in daemons if d.dir.name == root_name)
-        worker = next(d for d in daemons if d is not root)
+        _, root, (worker,) = start_agreeing(nodes, cluster)
+        root_name = root.dir.name
         r = worker.ctl("prompt", "hello", "--max-tokens", "5", "--json")
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["completion_tokens"] >= 1
@@ -320,11 +317,8 @@ def test_duplicate_node_id_is_reported_and_refused(nodes: Nodes) -> None:
 
 def test_root_change_unloads_the_old_roots_model(nodes: Nodes) -> None:
     with Cluster(2) as cluster:
-        daemons = [nodes.start(h, f"h{h.index}") for h in cluster.hosts]
-        wait_until(lambda: agree(daemons), 20, "agreement")
-        root_name = view(daemons[0])["status"]["root"]
-        other = next(d.dir.name for d in daemons if d.dir.name != root_name)
-        old_root = next(d for d in daemons if d.dir.name == root_name)
+        daemons, old_root, (new_root,) = start_agreeing(nodes, cluster)
+        other = new_root.dir.name
         assert old_root.ctl("load").returncode == 0
         assert old_root.ctl("devices", "--priority", other).returncode == 0
         wait_until(lambda: agree(daemons, other), 10, "the new root")
@@ -338,11 +332,8 @@ def test_root_change_unloads_the_old_roots_model(nodes: Nodes) -> None:
 def test_no_takeover_while_the_root_is_generating(nodes: Nodes, short_dir: Path) -> None:
     nodes.model = slow_model(short_dir)
     with Cluster(2) as cluster:
-        daemons = [nodes.start(h, f"h{h.index}") for h in cluster.hosts]
-        wait_until(lambda: agree(daemons), 20, "agreement")
-        root_name = view(daemons[0])["status"]["root"]
-        root = next(d for d in daemons if d.dir.name == root_name)
-        other = next(d for d in daemons if d is not root)
+        daemons, root, (other,) = start_agreeing(nodes, cluster)
+        root_name = root.dir.name
         assert root.ctl("load", "--max-seq-len", "2048").returncode == 0
         answer = other.ctl_popen(
             "prompt",
