@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import grpc
 
-from hsmdifd import election, planner, timing
+from hsmdifd import auth, election, planner, timing
 from hsmdifd.config import Config
 from hsmdifd.discovery import Discovery, Hint, encode_txt
 from hsmdifd.errors import RequestError
 from hsmdifd.membership import PROTOCOL_VERSION, Membership
 from hsmdifd.node import Identity
+from hsmdifd.policy import describe_policy, load_policy, policy_from_pb, policy_to_pb, save_policy
 from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
 
@@ -54,44 +53,6 @@ class Held:
     endpoint: str
 
 
-def policy_to_pb(policy: election.Policy) -> pb.Policy:
-    return pb.Policy(
-        version=policy.version, order=list(policy.order), by_memory=policy.by_memory_only
-    )
-
-
-def policy_from_pb(message: pb.Policy) -> election.Policy:
-    return election.Policy(
-        version=message.version, order=tuple(message.order), by_memory_only=message.by_memory
-    )
-
-
-def load_policy(path: Path) -> election.Policy:
-    try:
-        data = json.loads(path.read_text())
-        return election.Policy(
-            version=int(data["version"]),
-            order=tuple(str(x) for x in data["order"]),
-            by_memory_only=bool(data["by_memory"]),
-        )
-    except FileNotFoundError:
-        return election.DEFAULT_POLICY
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        log.warning("ignoring %s (%s): using the default policy", path, e)
-        return election.DEFAULT_POLICY
-
-
-def save_policy(path: Path, policy: election.Policy) -> None:
-    tmp = path.with_suffix(".tmp")
-    data = {
-        "version": policy.version,
-        "order": list(policy.order),
-        "by_memory": policy.by_memory_only,
-    }
-    tmp.write_text(json.dumps(data) + "\n")
-    os.replace(tmp, path)
-
-
 class Cluster:
     def __init__(
         self,
@@ -102,7 +63,11 @@ class Cluster:
         busy: Callable[[], bool],
         model: Callable[[], pb.ModelInfo],
         declared: dict[str, pb.DeviceProfile] | None = None,
+        channel_credentials: grpc.ChannelCredentials | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        self._channel_credentials = channel_credentials
+        self._channel_options = channel_options
         self._config = config
         self.identity = identity
         self._secret = secret
@@ -111,6 +76,7 @@ class Cluster:
         self._declared = declared or {}
         self._policy_path = config.state_dir / "policy.json"
         self.policy = load_policy(self._policy_path)
+        self._policy_refusals = auth.RateLimitedLog(log)
         self.started_at = time.time()
         self.device = pb.DeviceProfile(
             id=identity.node_id, name=identity.name, address=identity.address
@@ -121,6 +87,7 @@ class Cluster:
         self._background: set[asyncio.Task[None]] = set()  # leases ending on devices gone
         self._forwarded: list[Forwarded] = []
         self.changed = asyncio.Event()
+        self._seen: tuple[str, frozenset[str], election.Policy] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -137,8 +104,12 @@ class Cluster:
             secret=self._secret,
             local_status=self.local_status,
             on_change=self._recompute,
+            on_status=self.observe,
             heartbeat_interval=timing.heartbeat_interval,
             dead_after=timing.dead_after,
+            credentials=self._channel_credentials,
+            channel_extra=self._channel_options,
+            unproven_timeout=timing.unproven_timeout,
         )
         for address in self._config.network.peers:
             if address != self.identity.address:
@@ -185,7 +156,7 @@ class Cluster:
             return
         if hint.protocol_version != PROTOCOL_VERSION:
             log.debug("%s speaks protocol %d", hint.address, hint.protocol_version)
-        self.membership.add_address(hint.address)
+        self.membership.add_hint(hint.address)
 
     # ---- this device ---------------------------------------------------------------
 
@@ -279,7 +250,11 @@ class Cluster:
             name = live[new_root].name if new_root in live else new_root
             log.info("root is now %s (%s)", name, new_root)
             self.root_id = new_root
-        self.changed.set()
+        # Wake the follower only for what it acts on, not for every heartbeat.
+        seen = (self.root_id, frozenset(live), self.policy)
+        if seen != self._seen:
+            self._seen = seen
+            self.changed.set()
 
     def _announced_root(self, current: str, live: dict[str, election.Member]) -> str | None:
         """Whom a live root other than this device names as root, if it is live."""
@@ -296,10 +271,19 @@ class Cluster:
         status = self.membership.status_of(node_id) if self.membership else None
         return status is not None and status.epoch.root_id == node_id and status.generating
 
-    def adopt_policy(self, message: pb.Policy) -> bool:
-        """Take `message` if it is newer than ours; True when it was."""
+    def adopt_policy(self, message: pb.Policy, sender: str = "") -> bool:
+        """Take `message` if it is newer than ours; True when it was. A version far ahead
+        of ours is refused: no honest device gets there (each change adds one)."""
         offered = policy_from_pb(message)
         if election.newer_policy(self.policy, offered) == self.policy or offered == self.policy:
+            return False
+        if refusal := election.policy_refusal(self.policy, offered):
+            self._policy_refusals.warning(
+                "refusing policy version %d from %s: %s",
+                offered.version,
+                sender or "this device",
+                refusal,
+            )
             return False
         self.policy = offered
         save_policy(self._policy_path, offered)
@@ -313,7 +297,7 @@ class Cluster:
             return
         self.membership.observe(status)
         if status.policy.version > self.policy.version:
-            self.adopt_policy(status.policy)
+            self.adopt_policy(status.policy, status.device.name or status.device.id)
         self._recompute()
 
     async def set_priority(self, names: list[str], by_memory: bool) -> election.Policy:
@@ -325,6 +309,12 @@ class Cluster:
                 order = election.resolve_priority(names, self.members())
             except election.PriorityError as e:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        if self.policy.version >= election.MAX_POLICY_VERSION:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the policy version is at its limit ({election.MAX_POLICY_VERSION}); "
+                "delete policy.json in every state directory and restart",
+            )
         policy = election.Policy(self.policy.version + 1, order, by_memory)
         self.adopt_policy(policy_to_pb(policy))
         await self.push_policy()
@@ -532,9 +522,3 @@ class Cluster:
 
 def _capped(usable: int, total: int) -> int:
     return min(usable, total) if total else usable
-
-
-def describe_policy(policy: election.Policy) -> str:
-    if policy.by_memory_only or not policy.order:
-        return "by memory"
-    return "order " + ", ".join(policy.order) + ", then by memory"

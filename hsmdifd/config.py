@@ -51,6 +51,9 @@ class ClusterConfig:
     """The cluster secret (hsmdifctl cluster init); empty means this device runs alone."""
     devices_file: str = ""
     """A devices.json listing static peers and the figures they declare."""
+    data_plane: str = "tls"
+    """How llama.cpp's RPC stream crosses the network: "tls" (a mutually authenticated,
+    encrypted relay per lease) or "plain" (for a link you trust)."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class TimingConfig:
     heartbeat_interval: float = timing.HEARTBEAT_INTERVAL
     dead_after: float = timing.DEAD_AFTER
     mdns_ttl: int = timing.MDNS_TTL
+    unproven_timeout: float = timing.UNPROVEN_TIMEOUT
     shutdown_grace: float = timing.SHUTDOWN_GRACE
 
 
@@ -235,6 +239,11 @@ def _validate(config: Config, file: str) -> None:
             "'timing.dead_after' must be longer than 'timing.heartbeat_interval'",
         ),
         (config.timing.mdns_ttl > 0, "'timing.mdns_ttl' must be > 0"),
+        (config.timing.unproven_timeout > 0, "'timing.unproven_timeout' must be > 0"),
+        (
+            config.cluster.data_plane in ("tls", "plain"),
+            '\'cluster.data_plane\' must be "tls" or "plain"',
+        ),
         (config.timing.shutdown_grace >= 0, "'timing.shutdown_grace' must be >= 0"),
     ]
     for ok, message in checks:

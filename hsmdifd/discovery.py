@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 SERVICE_TYPE = "_hsmdif._tcp.local."
 TXT_LIMIT = 200
 RESOLVE_TIMEOUT_MS = 3000
+MAX_RESOLVING = 8
+MAX_NAMES = 256
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ class Discovery:
         port: int,
         txt: Callable[[], dict[str, str]],
         on_hint: Callable[[Hint], None],
-        on_goodbye: Callable[[str], None],
+        on_goodbye: Callable[[str, str], None],
         ttl: int,
     ) -> None:
         self._ttl = ttl
@@ -94,7 +96,7 @@ class Discovery:
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
-        self._names: dict[str, str] = {}  # service name -> node id
+        self._names: dict[str, tuple[str, str]] = {}  # service name -> node id, address
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _service_info(self) -> AsyncServiceInfo:
@@ -126,9 +128,12 @@ class Discovery:
         if self._info is not None and name == self._info.name:
             return
         if state_change is ServiceStateChange.Removed:
-            node_id = self._names.pop(name, None)
-            if node_id:
-                self._on_goodbye(node_id)
+            known = self._names.pop(name, None)
+            if known:
+                self._on_goodbye(*known)
+            return
+        if len(self._tasks) >= MAX_RESOLVING:
+            log.debug("not resolving %s: %d look-ups under way", name, len(self._tasks))
             return
         task = asyncio.get_running_loop().create_task(self._resolve(zeroconf, name))
         self._tasks.add(task)
@@ -143,7 +148,9 @@ class Discovery:
             return
         hint = parse_hint(info.properties, hosts[0], info.port)
         if hint is not None:
-            self._names[name] = hint.node_id
+            if name not in self._names and len(self._names) >= MAX_NAMES:
+                return
+            self._names[name] = (hint.node_id, hint.address)
             self._on_hint(hint)
 
     async def stop(self) -> None:

@@ -103,6 +103,31 @@ def grants_lease(offered: Epoch, current: Epoch) -> bool:
     return offered.root_id == current.root_id and offered.policy_version >= current.policy_version
 
 
+MAX_POLICY_VERSION = 2**53
+"""Policy versions stay below this (exact in JSON and in every language's numbers)."""
+MAX_POLICY_JUMP = 1000
+"""How far ahead of a device's own policy version an offered one may be. Every change
+adds one, so only a forged or broken policy jumps further."""
+
+
+def policy_refusal(current: Policy, offered: Policy) -> str | None:
+    """Why a device holding `current` refuses `offered`; None when it may take it.
+
+    A device that never held a policy (version 0) takes any version within bounds: it is
+    catching up with a cluster that has changed its policy many times.
+    """
+    if offered.version > MAX_POLICY_VERSION:
+        return f"version {offered.version} is over the limit of {MAX_POLICY_VERSION}"
+    if current.version and offered.version > current.version + MAX_POLICY_JUMP:
+        return (
+            f"version {offered.version} is more than {MAX_POLICY_JUMP} ahead of this "
+            f"device's {current.version}"
+        )
+    if len(offered.order) > 1024:
+        return f"an order of {len(offered.order)} devices"
+    return None
+
+
 def newer_policy(a: Policy, b: Policy) -> Policy:
     """The higher version; equal versions are settled by content, the same on every node."""
     return max(a, b, key=lambda p: (p.version, p.order, p.by_memory_only))

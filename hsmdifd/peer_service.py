@@ -3,30 +3,47 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from hsmdifd import auth
-from hsmdifd.cluster import Cluster, policy_to_pb
+from hsmdifd.cluster import Cluster
 from hsmdifd.control_service import check_generate
 from hsmdifd.errors import RequestError
 from hsmdifd.leases import Leases
+from hsmdifd.membership import PROTOCOL_VERSION
 from hsmdifd.models import Models
+from hsmdifd.policy import policy_to_pb
 from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
+_CHALLENGE = re.compile(r"[0-9a-f]{32}")
+_NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 class PeerService(pb_grpc.PeerServicer):
-    def __init__(self, cluster: Cluster, models: Models, leases: Leases) -> None:
+    def __init__(self, cluster: Cluster, models: Models, leases: Leases, secret: bytes) -> None:
+        self._secret = secret
         self._cluster = cluster
         self._models = models
         self._leases = leases
+
+    async def Hello(self, request: pb.HelloRequest, context: Context) -> pb.HelloReply:
+        """Prove this device holds the secret, before the caller sends any proof."""
+        if not _CHALLENGE.fullmatch(request.challenge) or not _NODE_ID.fullmatch(request.caller_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a malformed challenge")
+        me = self._cluster.identity.node_id
+        return pb.HelloReply(
+            protocol_version=PROTOCOL_VERSION,
+            node_id=me,
+            proof=auth.hello_proof(self._secret, request.challenge, request.caller_id, me),
+        )
 
     async def Status(self, request: pb.PeerStatus, context: Context) -> pb.PeerStatus:
         caller = auth.caller_id.get()
@@ -39,7 +56,7 @@ class PeerService(pb_grpc.PeerServicer):
         return self._cluster.local_status()
 
     async def SetPolicy(self, request: pb.Policy, context: Context) -> pb.Policy:
-        if self._cluster.adopt_policy(request):
+        if self._cluster.adopt_policy(request, auth.caller_id.get() or ""):
             log.info("policy version %d received from %s", request.version, auth.caller_id.get())
         return policy_to_pb(self._cluster.policy)
 

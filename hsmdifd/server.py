@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from hsmdifd import notify, profile, timing
+from hsmdifd import notify, profile, timing, tls
 from hsmdifd.auth import AuthServerInterceptor, SecretError, load_secret
 from hsmdifd.cluster import Cluster
 from hsmdifd.config import Config, ConfigError, load_config, with_overrides
@@ -26,6 +26,7 @@ from hsmdifd.control_service import ControlService
 from hsmdifd.devices_file import load_devices_file
 from hsmdifd.engine import Engine
 from hsmdifd.leases import Leases
+from hsmdifd.membership import OPEN_METHODS, server_keepalive_options
 from hsmdifd.models import Models
 from hsmdifd.node import Identity, load_identity
 from hsmdifd.peer_service import PeerService
@@ -106,6 +107,7 @@ class Daemon:
         self._peer_server: grpc.aio.Server | None = None
         self.cluster: Cluster | None = None
         self._leases: Leases | None = None
+        self._tls: tls.DeviceCredentials | None = None
 
     # ---- device figures -------------------------------------------------------------
 
@@ -153,6 +155,15 @@ class Daemon:
         except PermissionError as e:
             raise StartupError(f"cannot create the control socket {path}: {e.strerror}") from e
         engine = Engine(Engine.child_socket(path.parent))
+        if secret is not None:
+            try:
+                self._tls = await asyncio.to_thread(
+                    tls.device_credentials, secret, self.identity.node_id, config.state_dir
+                )
+            except (OSError, ValueError) as e:
+                raise StartupError(
+                    f"cannot make this device's TLS key in {config.state_dir / 'tls'}: {e}"
+                ) from e
         cluster = self.cluster = Cluster(
             config,
             self.identity,
@@ -160,6 +171,8 @@ class Daemon:
             busy=lambda: models.in_flight > 0,
             model=lambda: models.info,
             declared=declared,
+            channel_credentials=tls.channel_credentials(self._tls) if self._tls else None,
+            channel_options=tls.CHANNEL_OPTIONS,
         )
         models = self._models = Models(config, engine, cluster)
         cluster.set_device(await asyncio.to_thread(self.device_profile))
@@ -212,8 +225,19 @@ class Daemon:
     async def _serve_peers(self, secret: bytes) -> None:
         assert self.identity is not None and self._models is not None
         network = self.config.network
+        assert self._tls is not None
         server = grpc.aio.server(
-            interceptors=[AuthServerInterceptor(secret, self.identity.node_id)]
+            interceptors=[
+                AuthServerInterceptor(
+                    secret,
+                    self.identity.node_id,
+                    open_methods=OPEN_METHODS,
+                    cert_id=lambda context: tls.peer_node_id_from_auth_context(
+                        {k: list(v) for k, v in context.auth_context().items()}
+                    ),
+                )
+            ],
+            options=server_keepalive_options(self.config.timing.heartbeat_interval),
         )
         assert self.cluster is not None
         host = self.identity.address.rsplit(":", 1)[0]
@@ -224,11 +248,11 @@ class Daemon:
             self.cluster.lease_refusal,
         )
         pb_grpc.add_PeerServicer_to_server(
-            PeerService(self.cluster, self._models, self._leases), server
+            PeerService(self.cluster, self._models, self._leases, secret), server
         )
         target = f"{network.listen_address}:{network.port}"
         try:
-            bound = server.add_insecure_port(target)
+            bound = server.add_secure_port(target, tls.server_credentials(self._tls))
         except RuntimeError:
             bound = 0
         if bound == 0:

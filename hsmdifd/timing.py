@@ -10,6 +10,11 @@ DEAD_AFTER = 1.5
 """Seconds without a heartbeat after which a peer is dead."""
 MDNS_TTL = 120
 """TTL, in seconds, of the mDNS records this device announces."""
+UNPROVEN_TIMEOUT = 30.0
+"""Seconds an announced address gets to prove it holds the cluster secret before it is
+forgotten."""
+HINT_INTERVAL = 1.0
+"""Seconds between new announced addresses followed, past a small burst."""
 
 # Lifecycle.
 SHUTDOWN_GRACE = 5.0

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import stat
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -103,13 +102,23 @@ async def refusal(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
     return info.value.code(), info.value.details() or ""
 
 
+def to(receiver: str | None) -> Callable[[], str | None]:
+    return lambda: receiver
+
+
+def signed(
+    caller: str, method: str, body: bytes, receiver: str = "server-1", **kw: Any
+) -> tuple[auth.Metadata, str]:
+    return auth.sign(SECRET, caller, receiver, method, auth.digest(body), **kw)
+
+
 def test_same_secret_unary_call_names_both_ends() -> None:
     async def main() -> None:
         seen: list[str | None] = []
         server = auth.AuthServerInterceptor(SECRET, "server-1")
         async with (
             serve(server, echo_service(seen)) as target,
-            channel(target, auth.client_interceptors(SECRET, "client-1")) as ch,
+            channel(target, auth.client_interceptors(SECRET, "client-1", to("server-1"))) as ch,
         ):
             call = unary(ch)(b"hello")
             assert await call == b"hello"
@@ -126,7 +135,7 @@ def test_sign_and_verify_reply_without_client_interceptor() -> None:
         seen: list[str | None] = []
         server = auth.AuthServerInterceptor(SECRET, "server-1")
         async with serve(server, echo_service(seen)) as target, channel(target) as ch:
-            metadata, nonce = auth.sign(SECRET, "client-2", UNARY)
+            metadata, nonce = signed("client-2", UNARY, b"x")
             call = unary(ch)(b"x", metadata=metadata)
             assert await call == b"x"
             reply = await call.initial_metadata()
@@ -135,6 +144,14 @@ def test_sign_and_verify_reply_without_client_interceptor() -> None:
                 auth.verify_reply(OTHER, UNARY, nonce, reply)
             with pytest.raises(auth.AuthError):  # bound to the nonce: no replaying a reply
                 auth.verify_reply(SECRET, UNARY, "0" * 32, reply)
+            with pytest.raises(auth.AuthError, match="not server-2"):
+                auth.verify_reply(SECRET, UNARY, nonce, reply, expected="server-2")
+            # The trailing proof covers the reply's bytes.
+            trailer = await call.trailing_metadata()
+            body = auth.digest(b"x")
+            assert auth.verify_reply(SECRET, UNARY, nonce, trailer, body) == "server-1"
+            with pytest.raises(auth.AuthError):
+                auth.verify_reply(SECRET, UNARY, nonce, trailer, auth.digest(b"forged"))
         assert seen == ["client-2"]
 
     run(main())
@@ -146,8 +163,8 @@ def test_each_handler_sees_its_own_caller() -> None:
         server = auth.AuthServerInterceptor(SECRET, "server-1")
         async with (
             serve(server, echo_service(seen)) as target,
-            channel(target, auth.client_interceptors(SECRET, "node-a")) as a,
-            channel(target, auth.client_interceptors(SECRET, "node-b")) as b,
+            channel(target, auth.client_interceptors(SECRET, "node-a", to("server-1"))) as a,
+            channel(target, auth.client_interceptors(SECRET, "node-b", to("server-1"))) as b,
         ):
             calls = [unary(ch)(b"x") for _ in range(10) for ch in (a, b)]
             assert await asyncio.gather(*calls) == [b"x"] * 20
@@ -157,7 +174,7 @@ def test_each_handler_sees_its_own_caller() -> None:
     run(main())
 
 
-def test_stream_stream_handlers_are_checked_too() -> None:
+def test_streamed_requests_are_refused() -> None:
     async def main() -> None:
         seen: list[str | None] = []
         server = auth.AuthServerInterceptor(SECRET, "server-1")
@@ -165,14 +182,13 @@ def test_stream_stream_handlers_are_checked_too() -> None:
             chat = ch.stream_stream(
                 f"/{SERVICE}/Chat", request_serializer=identity, response_deserializer=identity
             )
-            metadata, nonce = auth.sign(SECRET, "client-4", f"/{SERVICE}/Chat")
-            call = chat(iter([b"a", b"b"]), metadata=metadata)
-            assert [m async for m in call] == [b"A", b"B"]
-            reply = await call.initial_metadata()
-            assert auth.verify_reply(SECRET, f"/{SERVICE}/Chat", nonce, reply) == "server-1"
-            refused = await refusal(chat(iter([b"a"])).read())
-            assert refused == (grpc.StatusCode.UNAUTHENTICATED, "missing proof")
-        assert seen == ["client-4"]
+            metadata, _ = signed("client-4", f"/{SERVICE}/Chat", b"")
+            refused = await refusal(chat(iter([b"a", b"b"]), metadata=metadata).read())
+            assert refused == (
+                grpc.StatusCode.UNAUTHENTICATED,
+                "streamed requests are not accepted",
+            )
+        assert seen == []
 
     run(main())
 
@@ -181,14 +197,13 @@ def test_wrong_secret_missing_or_malformed_proof_is_refused() -> None:
     async def main() -> None:
         seen: list[str | None] = []
         server = auth.AuthServerInterceptor(SECRET, "server-1")
+        wrong = "wrong cluster secret, or a request altered on the way"
         async with serve(server, echo_service(seen)) as target:
-            async with channel(target, auth.client_interceptors(OTHER, "intruder")) as ch:
-                assert await refusal(unary(ch)(b"x")) == (
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    "wrong cluster secret",
-                )
+            intruder = auth.client_interceptors(OTHER, "intruder", to("server-1"))
+            async with channel(target, intruder) as ch:
+                assert await refusal(unary(ch)(b"x")) == (grpc.StatusCode.UNAUTHENTICATED, wrong)
                 code, details = await refusal(streaming(ch)(b"x").read())
-                assert (code, details) == (grpc.StatusCode.UNAUTHENTICATED, "wrong cluster secret")
+                assert (code, details) == (grpc.StatusCode.UNAUTHENTICATED, wrong)
             async with channel(target) as ch:
                 missing = await refusal(unary(ch)(b"x"))
                 assert missing == (grpc.StatusCode.UNAUTHENTICATED, "missing proof")
@@ -196,9 +211,20 @@ def test_wrong_secret_missing_or_malformed_proof_is_refused() -> None:
                 malformed = await refusal(unary(ch)(b"x", metadata=bad))
                 assert malformed == (grpc.StatusCode.UNAUTHENTICATED, "malformed proof")
                 # A proof covers one method: it cannot be moved to another.
-                metadata, _ = auth.sign(SECRET, "client", STREAM)
+                metadata, _ = signed("client", STREAM, b"x")
                 moved = await refusal(unary(ch)(b"x", metadata=metadata))
-                assert moved == (grpc.StatusCode.UNAUTHENTICATED, "wrong cluster secret")
+                assert moved == (grpc.StatusCode.UNAUTHENTICATED, wrong)
+                # ... nor to another body.
+                metadata, _ = signed("client", UNARY, b"policy version 1")
+                altered = await refusal(unary(ch)(b"policy version 1000", metadata=metadata))
+                assert altered == (grpc.StatusCode.UNAUTHENTICATED, wrong)
+                # ... nor to another receiver.
+                metadata, _ = signed("client", UNARY, b"x", receiver="server-2")
+                elsewhere = await refusal(unary(ch)(b"x", metadata=metadata))
+                assert elsewhere == (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "a proof for server-2, not for this device",
+                )
         assert seen == []
 
     run(main())
@@ -209,11 +235,11 @@ def test_replayed_request_is_refused() -> None:
         seen: list[str | None] = []
         server = auth.AuthServerInterceptor(SECRET, "server-1")
         async with serve(server, echo_service(seen)) as target, channel(target) as ch:
-            metadata, _ = auth.sign(SECRET, "client", UNARY)
+            metadata, _ = signed("client", UNARY, b"once")
             assert await unary(ch)(b"once", metadata=metadata) == b"once"
-            replay = await refusal(unary(ch)(b"twice", metadata=metadata))
+            replay = await refusal(unary(ch)(b"once", metadata=metadata))
             assert replay == (grpc.StatusCode.UNAUTHENTICATED, "replayed request")
-            metadata, _ = auth.sign(SECRET, "client", STREAM)
+            metadata, _ = signed("client", STREAM, b"")
             assert [m async for m in streaming(ch)(b"", metadata=metadata)] == [b"0", b"1", b"2"]
             replay = await refusal(streaming(ch)(b"", metadata=metadata).read())
             assert replay == (grpc.StatusCode.UNAUTHENTICATED, "replayed request")
@@ -222,44 +248,43 @@ def test_replayed_request_is_refused() -> None:
     run(main())
 
 
-def shifted(offset: float) -> Callable[[], float]:
-    return lambda: time.time() + offset
+def test_no_proof_leaves_before_the_receiver_proved_itself() -> None:
+    """A collector without the secret, posing as a peer, is sent nothing it could replay."""
 
-
-def test_clock_skew_beyond_the_window_is_refused() -> None:
     async def main() -> None:
-        seen: list[str | None] = []
-        server = auth.AuthServerInterceptor(SECRET, "server-1", skew=30.0)
-        async with serve(server, echo_service(seen)) as target:
-            for offset, ok in ((-20.0, True), (45.0, False), (-45.0, False)):
-                client = auth.client_interceptors(SECRET, "client", now=shifted(offset))
-                async with channel(target, client) as ch:
-                    if ok:
-                        assert await unary(ch)(b"x") == b"x"
-                    else:
-                        assert await refusal(unary(ch)(b"x")) == (
-                            grpc.StatusCode.UNAUTHENTICATED,
-                            "clock skew of 45 s: check the clocks",
-                        )
-        assert seen == ["client"]
+        received: list[dict[str, Any]] = []
+
+        async def collect(request: bytes, context: Context) -> bytes:
+            received.append(dict(context.invocation_metadata() or ()))
+            return b""
+
+        codec: dict[str, Any] = {"request_deserializer": identity, "response_serializer": identity}
+        collector = {"Echo": grpc.unary_unary_rpc_method_handler(collect, **codec)}
+        async with (
+            serve(None, collector) as target,
+            channel(target, auth.client_interceptors(SECRET, "client", to(None))) as ch,
+        ):
+            with pytest.raises(auth.AuthError, match="not yet proved"):
+                await unary(ch)(b"status")
+        assert received == []
 
     run(main())
 
 
-def test_nonces_expire_after_the_window_and_the_cache_is_bounded() -> None:
-    clock = [1000.0]
-    verifier = auth.RequestVerifier(SECRET, skew=30.0, now=lambda: clock[0], limit=1)
-    first, _ = auth.sign(SECRET, "client", UNARY, now=lambda: clock[0])
-    assert verifier.verify(UNARY, first)[0] == "client"
-    second, _ = auth.sign(SECRET, "client", UNARY, now=lambda: clock[0])
-    with pytest.raises(auth.AuthError) as info:
-        verifier.verify(UNARY, second)
-    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    clock[0] += 31  # the first nonce has expired and made room
-    third, _ = auth.sign(SECRET, "client", UNARY, now=lambda: clock[0])
-    assert verifier.verify(UNARY, third)[0] == "client"
-    with pytest.raises(auth.AuthError, match="clock skew of 31 s"):
-        verifier.verify(UNARY, first)
+def test_hello_proves_the_secret_for_one_challenge_and_caller() -> None:
+    challenge = "ab" * 16
+    proof = auth.hello_proof(SECRET, challenge, "caller", "server-1")
+    auth.check_hello(SECRET, challenge, "caller", "server-1", proof)
+    for args in (
+        (OTHER, challenge, "caller", "server-1"),  # another secret
+        (SECRET, "cd" * 16, "caller", "server-1"),  # another challenge: no replaying
+        (SECRET, challenge, "other", "server-1"),  # made for another caller
+        (SECRET, challenge, "caller", "server-2"),  # claims another id
+    ):
+        with pytest.raises(auth.AuthError):
+            auth.check_hello(*args, proof)
+    with pytest.raises(auth.AuthError):
+        auth.check_hello(SECRET, challenge, "caller", "not an id!", proof)
 
 
 def test_streaming_calls_are_signed_and_checked() -> None:
@@ -268,7 +293,7 @@ def test_streaming_calls_are_signed_and_checked() -> None:
         server = auth.AuthServerInterceptor(SECRET, "server-1")
         async with (
             serve(server, echo_service(seen)) as target,
-            channel(target, auth.client_interceptors(SECRET, "client-3")) as ch,
+            channel(target, auth.client_interceptors(SECRET, "client-3", to("server-1"))) as ch,
         ):
             call = streaming(ch)(b"")
             assert [m async for m in call] == [b"0", b"1", b"2"]
@@ -284,9 +309,9 @@ def impostor(secret: bytes | None) -> dict[str, grpc.RpcMethodHandler[Any, Any]]
 
     async def reply(method: str, context: Context) -> None:
         proof = dict(context.invocation_metadata() or ())[auth.AUTH_KEY]
-        nonce = str(proof).split(".")[3]
+        nonce = str(proof).split(".")[4]
         if secret is not None:
-            await context.send_initial_metadata(auth.sign_reply(secret, method, nonce, "fake"))
+            await context.send_initial_metadata(auth.sign_reply(secret, method, nonce, "server-1"))
 
     async def status(request: bytes, context: Context) -> bytes:
         await reply(UNARY, context)
@@ -308,7 +333,7 @@ def test_client_refuses_a_peer_without_the_secret(secret: bytes | None) -> None:
     async def main() -> None:
         async with (
             serve(None, impostor(secret)) as target,
-            channel(target, auth.client_interceptors(SECRET, "client")) as ch,
+            channel(target, auth.client_interceptors(SECRET, "client", to("server-1"))) as ch,
         ):
             with pytest.raises(auth.AuthError, match="peer"):
                 await unary(ch)(b"status?")

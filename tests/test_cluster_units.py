@@ -130,9 +130,13 @@ def test_membership_states() -> None:
             m.refresh()
             assert {x.state for x in m.members()} == {MemberState.DEAD}
             assert m.generation == 2
-            # A goodbye is immediate.
+            # A goodbye from a device that does not answer at once is final.
             m.observe(status("peer-a", "127.0.0.2:9"))
-            m.goodbye("peer-a")
+            m.goodbye("peer-a", "127.0.0.2:9")
+            for _ in range(100):
+                if {x.state for x in m.members()} == {MemberState.DEAD}:
+                    break
+                await asyncio.sleep(0.01)
             assert {x.state for x in m.members()} == {MemberState.DEAD}
         finally:
             await m.close()

@@ -222,19 +222,34 @@ def test_reload_uses_the_tensor_cache(split_cluster: tuple[Cluster, list[Daemon]
 
 
 ASK_FOR_LEASE = """
-import asyncio, sys, grpc
+import asyncio, secrets, sys, tempfile, grpc
 from pathlib import Path
-from hsmdifd import auth
+from hsmdifd import auth, tls
+from hsmdifd.membership import OPEN_METHODS
 from hsmdifd.proto import hsmdif_pb2 as pb, hsmdif_pb2_grpc as pb_grpc
 
 async def ask():
     address, secret_file, node_id = sys.argv[1:]
     secret = auth.load_secret(Path(secret_file)) if secret_file else auth.generate_secret()
-    interceptors = auth.client_interceptors(secret, node_id)
-    async with grpc.aio.insecure_channel(address, interceptors=interceptors) as channel:
-        epoch = pb.Epoch(policy_version=99, root_id=node_id, generation=99)
+    creds = tls.device_credentials(secret, node_id, Path(tempfile.mkdtemp()))
+    proven = []
+    interceptors = auth.client_interceptors(
+        secret, node_id, lambda: proven[0] if proven else None, open_methods=OPEN_METHODS
+    )
+    async with grpc.aio.secure_channel(
+        address, tls.channel_credentials(creds), options=tls.CHANNEL_OPTIONS,
+        interceptors=interceptors,
+    ) as channel:
+        stub = pb_grpc.PeerStub(channel)
         try:
-            await pb_grpc.PeerStub(channel).StartRpc(pb.LeaseRequest(epoch=epoch), timeout=10)
+            challenge = secrets.token_hex(16)
+            hello = await stub.Hello(
+                pb.HelloRequest(challenge=challenge, caller_id=node_id), timeout=10
+            )
+            auth.check_hello(secret, challenge, node_id, hello.node_id, hello.proof)
+            proven.append(hello.node_id)
+            epoch = pb.Epoch(policy_version=99, root_id=node_id, generation=99)
+            await stub.StartRpc(pb.LeaseRequest(epoch=epoch), timeout=10)
         except grpc.aio.AioRpcError as e:
             return f"{e.code().name}: {e.details()}"
     return "OK"
@@ -270,7 +285,8 @@ def test_wrong_secret_never_gets_a_lease(split_cluster: tuple[Cluster, list[Daem
     before = child_pids(worker.proc.pid)
     # From another host on the same network, with a secret of its own.
     answer = ask_for_lease(cluster, 1, None, "intruder")
-    assert answer.startswith("UNAUTHENTICATED"), answer
+    # Its certificate was not made with the cluster's secret: no TLS, no call at all.
+    assert answer.startswith("UNAVAILABLE") and "CERTIFICATE_VERIFY_FAILED" in answer, answer
     assert child_pids(worker.proc.pid) == before, "no rpc-worker was started"
 
 

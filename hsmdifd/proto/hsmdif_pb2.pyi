@@ -841,6 +841,56 @@ class PeerStatus(_message.Message):
 Global___PeerStatus: _TypeAlias = PeerStatus  # noqa: Y015
 
 @_typing.final
+class HelloRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHALLENGE_FIELD_NUMBER: _builtins.int
+    CALLER_ID_FIELD_NUMBER: _builtins.int
+    challenge: _builtins.str
+    """32 random hex digits, fresh for each Hello"""
+    caller_id: _builtins.str
+    """the caller's node id"""
+    def __init__(
+        self,
+        *,
+        challenge: _builtins.str = ...,
+        caller_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller_id", b"caller_id", "challenge", b"challenge"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HelloRequest: _TypeAlias = HelloRequest  # noqa: Y015
+
+@_typing.final
+class HelloReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    PROOF_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.int
+    node_id: _builtins.str
+    proof: _builtins.str
+    """HMAC(secret, "hello", challenge, caller_id, node_id)"""
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.int = ...,
+        node_id: _builtins.str = ...,
+        proof: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "proof", b"proof", "protocol_version", b"protocol_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HelloReply: _TypeAlias = HelloReply  # noqa: Y015
+
+@_typing.final
 class LeaseRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -363,7 +363,8 @@ class Control:
 
 class PeerStub:
     """---------------------------------------------------------------- peer service
-    Daemon to daemon over TCP; every call carries proof of the cluster secret.
+    Daemon to daemon over TCP (TLS between devices); every call but Hello carries a proof
+    of the cluster secret bound to its receiver and its body (see hsmdifd/auth.py).
 
     """
 
@@ -373,6 +374,11 @@ class PeerStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Hello = channel.unary_unary(
+                '/hsmdif.v1.Peer/Hello',
+                request_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.HelloRequest.SerializeToString,
+                response_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.HelloReply.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/hsmdif.v1.Peer/Status',
                 request_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.PeerStatus.SerializeToString,
@@ -417,9 +423,18 @@ class PeerStub:
 
 class PeerServicer:
     """---------------------------------------------------------------- peer service
-    Daemon to daemon over TCP; every call carries proof of the cluster secret.
+    Daemon to daemon over TCP (TLS between devices); every call but Hello carries a proof
+    of the cluster secret bound to its receiver and its body (see hsmdifd/auth.py).
 
     """
+
+    def Hello(self, request, context):
+        """The challenge a caller starts with: the device proves it holds the secret before
+        the caller sends it any proof of its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
         """A heartbeat: each side learns the other's status.
@@ -475,6 +490,11 @@ class PeerServicer:
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Hello': grpc.unary_unary_rpc_method_handler(
+                    servicer.Hello,
+                    request_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.HelloRequest.FromString,
+                    response_serializer=hsmdifd_dot_proto_dot_hsmdif__pb2.HelloReply.SerializeToString,
+            ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
                     request_deserializer=hsmdifd_dot_proto_dot_hsmdif__pb2.PeerStatus.FromString,
@@ -525,9 +545,37 @@ def add_PeerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Peer:
     """---------------------------------------------------------------- peer service
-    Daemon to daemon over TCP; every call carries proof of the cluster secret.
+    Daemon to daemon over TCP (TLS between devices); every call but Hello carries a proof
+    of the cluster secret bound to its receiver and its body (see hsmdifd/auth.py).
 
     """
+
+    @staticmethod
+    def Hello(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmdif.v1.Peer/Hello',
+            hsmdifd_dot_proto_dot_hsmdif__pb2.HelloRequest.SerializeToString,
+            hsmdifd_dot_proto_dot_hsmdif__pb2.HelloReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Status(request,

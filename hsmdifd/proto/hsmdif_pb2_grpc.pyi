@@ -124,13 +124,18 @@ def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Uni
 
 class PeerStub:
     """---------------------------------------------------------------- peer service
-    Daemon to daemon over TCP; every call carries proof of the cluster secret.
+    Daemon to daemon over TCP (TLS between devices); every call but Hello carries a proof
+    of the cluster secret bound to its receiver and its body (see hsmdifd/auth.py).
     """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> PeerAsyncStub: ...
+    Hello: _grpc.UnaryUnaryMultiCallable[_hsmdif_pb2.HelloRequest, _hsmdif_pb2.HelloReply]
+    """The challenge a caller starts with: the device proves it holds the secret before
+    the caller sends it any proof of its own.
+    """
     Status: _grpc.UnaryUnaryMultiCallable[_hsmdif_pb2.PeerStatus, _hsmdif_pb2.PeerStatus]
     """A heartbeat: each side learns the other's status."""
     SetPolicy: _grpc.UnaryUnaryMultiCallable[_hsmdif_pb2.Policy, _hsmdif_pb2.Policy]
@@ -146,10 +151,15 @@ class PeerStub:
 @_typing.type_check_only
 class PeerAsyncStub(PeerStub):
     """---------------------------------------------------------------- peer service
-    Daemon to daemon over TCP; every call carries proof of the cluster secret.
+    Daemon to daemon over TCP (TLS between devices); every call but Hello carries a proof
+    of the cluster secret bound to its receiver and its body (see hsmdifd/auth.py).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    Hello: _aio.UnaryUnaryMultiCallable[_hsmdif_pb2.HelloRequest, _hsmdif_pb2.HelloReply]  # type: ignore[assignment]
+    """The challenge a caller starts with: the device proves it holds the secret before
+    the caller sends it any proof of its own.
+    """
     Status: _aio.UnaryUnaryMultiCallable[_hsmdif_pb2.PeerStatus, _hsmdif_pb2.PeerStatus]  # type: ignore[assignment]
     """A heartbeat: each side learns the other's status."""
     SetPolicy: _aio.UnaryUnaryMultiCallable[_hsmdif_pb2.Policy, _hsmdif_pb2.Policy]  # type: ignore[assignment]
@@ -164,8 +174,19 @@ class PeerAsyncStub(PeerStub):
 
 class PeerServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------- peer service
-    Daemon to daemon over TCP; every call carries proof of the cluster secret.
+    Daemon to daemon over TCP (TLS between devices); every call but Hello carries a proof
+    of the cluster secret bound to its receiver and its body (see hsmdifd/auth.py).
     """
+
+    @_abc_1.abstractmethod
+    def Hello(
+        self,
+        request: _hsmdif_pb2.HelloRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hsmdif_pb2.HelloReply, _abc.Awaitable[_hsmdif_pb2.HelloReply]]:
+        """The challenge a caller starts with: the device proves it holds the secret before
+        the caller sends it any proof of its own.
+        """
 
     @_abc_1.abstractmethod
     def Status(
