@@ -96,6 +96,10 @@ def secret_is_a_directory(s: Setup) -> None:
     s.secret.mkdir()
 
 
+def secret_unreadable(s: Setup) -> None:
+    s.secret.chmod(0o000)
+
+
 def secret_too_open(s: Setup) -> None:
     s.secret.chmod(0o644)
 
@@ -191,6 +195,11 @@ def case(breakage: Callable[[Setup], None], message: str, *marks: pytest.MarkDec
     [
         case(no_secret, "cluster.secret_file: no cluster secret at {secret}: make one with"),
         case(secret_is_a_directory, "cannot read the cluster secret {secret}: Is a directory; "),
+        case(
+            secret_unreadable,
+            "Permission denied; give the user hsmdifd runs as read",
+            needs_non_root,
+        ),
         case(secret_too_open, "the cluster secret {secret} is open to other users (mode 644): "),
         case(secret_group_readable, "open to other users (mode 640): run `chmod 600 {secret}`"),
         case(secret_too_short, "has 8 bytes, fewer than 16: make one with `hsmdifctl cluster"),

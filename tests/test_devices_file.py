@@ -239,10 +239,23 @@ json_values = st.recursive(
 )
 
 
+figures = st.floats(0, 1e5) | st.integers(0, 10**5) | st.floats() | st.integers() | st.text()
+device_like = st.fixed_dictionaries(
+    {"address": st.ip_addresses().map(str) | st.sampled_from(["kitchen.local", "", "a b", "x:1"])},
+    optional={
+        "port": st.integers(1, 65535) | st.integers() | st.booleans(),
+        **{key: figures for key in ("total_memory", "memfree", "speed", "load")},
+    },
+)
+documents = st.lists(device_like, max_size=4) | st.fixed_dictionaries(
+    {"devices": st.lists(device_like, max_size=4)}
+)
+
+
 @settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(value=json_values)
+@given(value=json_values | documents)
 def test_any_json_value_loads_or_is_refused_naming_the_file(tmp_path: Path, value: Any) -> None:
     path = write(tmp_path, json.dumps(value))
     try:
