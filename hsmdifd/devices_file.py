@@ -123,6 +123,11 @@ def _device(entry: Any, where: str) -> pb.DeviceProfile:
     for key in ("total_memory", "memfree"):
         if figures[key] > MAX_MEMORY_MB:
             raise ConfigError(f"{where}: '{key}' must be at most {MAX_MEMORY_MB} MB")
+    if figures["load"] > 1:
+        raise ConfigError(
+            f"{where}: 'load' must be between 0 and 1 (the fraction of the CPU in use), "
+            f"not {figures['load']:g}"
+        )
     if 0 < figures["total_memory"] < figures["memfree"]:
         raise ConfigError(
             f"{where}: 'memfree' ({figures['memfree']:g} MB) is more than 'total_memory' "

@@ -139,6 +139,7 @@ ENTRY_PROBLEMS = [
     ('{"address": "a", "speed": -0.5}', "'speed' must be a finite number >= 0, not -0.5"),
     ('{"address": "a", "speed": 1e400}', "'speed' must be a finite number >= 0, not inf"),
     ('{"address": "a", "load": ' + "9" * 400 + "}", "'load' must be a finite number >= 0"),
+    ('{"address": "a", "load": 40}', "'load' must be between 0 and 1 (the fraction of the CPU"),
     ('{"address": "a", "total_memory": 1e12}', "'total_memory' must be at most 1073741824 MB"),
     (
         '{"address": "a", "total_memory": 4000, "memfree": 7000}',
@@ -267,4 +268,4 @@ def test_any_json_value_loads_or_is_refused_naming_the_file(tmp_path: Path, valu
         assert device.address == address and device.declared
         assert address.rsplit(":", 1)[1].isdigit()
         assert device.memory_usable_bytes >= 0 and device.memory_total_bytes >= 0
-        assert device.speed >= 0 and device.load >= 0
+        assert device.speed >= 0 and 0 <= device.load <= 1
