@@ -60,6 +60,22 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, object]]
     return config, overrides
 
 
+def check(config: Config, path: Path | None) -> int:
+    """Report every problem with `config` and what it points at: 2 if any, else 0."""
+    from hsmdifd.check import check_config
+
+    source = path or "the built-in defaults"
+    problems = check_config(config)
+    for problem in problems:
+        print(f"hsmdifd: {problem}", file=sys.stderr)
+    if problems:
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        print(f"hsmdifd: {source}: {count}, each above with its fix", file=sys.stderr)
+        return 2
+    print(f"{source}: configuration is valid")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -68,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hsmdifd: {e}", file=sys.stderr)
         return 2 if args.check_config else 1
     if args.check_config:
-        print(f"{args.config or 'the built-in defaults'}: configuration is valid")
-        return 0
+        return check(config, args.config)
     setup_logging(args.verbose)
     from hsmdifd.server import serve
 
