@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
 
 from hsmdifd import __version__
-from hsmdifd.cluster import Cluster, Forwarded
+from hsmdifd.cluster import Cluster
 from hsmdifd.errors import RequestError
-from hsmdifd.models import Models
 from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
+from hsmdifd.routing import Router
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +56,17 @@ class ControlService(pb_grpc.ControlServicer):
     def __init__(
         self,
         cluster: Cluster,
-        models: Models,
+        router: Router,
         device_profile: Callable[[bool], pb.DeviceProfile],
     ) -> None:
         self._cluster = cluster
-        self._models = models
+        self._router = router
         self._device_profile = device_profile
         self._started = time.monotonic()
 
     async def Status(self, request: pb.StatusRequest, context: Context) -> pb.StatusReply:
         cluster = self._cluster
-        model = self._model_info()
+        model = self._router.model_info()
         warning = ""
         if cluster.refused:
             warning = (
@@ -88,32 +87,19 @@ class ControlService(pb_grpc.ControlServicer):
             epoch=cluster.epoch_pb(),
             policy=cluster.policy_for_people(),
             warning=warning,
-            generating=self._root_generating(),
+            generating=self._router.generating(),
         )
 
     async def Devices(self, request: pb.DevicesRequest, context: Context) -> pb.DevicesReply:
         device = await asyncio.to_thread(self._device_profile, request.refresh_speed)
         self._cluster.set_device(device)
         devices = self._cluster.devices()
-        shares = {p.node_id: p for p in self._model_info().plan.devices}
+        shares = {p.node_id: p for p in self._router.model_info().plan.devices}
         for d in devices:
             if d.id in shares:
                 d.layers = shares[d.id].layers + shares[d.id].holds_output
                 d.share_bytes = shares[d.id].bytes
         return pb.DevicesReply(devices=devices)
-
-    def _root_generating(self) -> bool:
-        if self._cluster.is_root:
-            return self._models.in_flight > 0
-        status = self._cluster.root_status()
-        return status is not None and status.generating
-
-    def _model_info(self) -> pb.ModelInfo:
-        """The loaded model, as the root reports it."""
-        if self._cluster.is_root:
-            return self._models.info
-        status = self._cluster.root_status()
-        return status.model if status else pb.ModelInfo()
 
     async def SetPriority(self, request: pb.SetPriorityRequest, context: Context) -> pb.Policy:
         if not request.by_memory and not request.devices:
@@ -129,33 +115,22 @@ class ControlService(pb_grpc.ControlServicer):
 
     async def Plan(self, request: pb.PlanRequest, context: Context) -> pb.PlanReply:
         try:
-            if self._cluster.is_root:
-                return await self._models.describe(request)
-            stub = self._cluster.root_stub()
-            return await _ask_root(self._cluster, stub.Plan(request))
+            return await self._router.plan(request)
         except RequestError as e:
             await context.abort(e.code, str(e))
             raise  # unreachable: abort raises
 
     async def Load(self, request: pb.LoadRequest, context: Context) -> AsyncIterator[pb.LoadEvent]:
         try:
-            if self._cluster.is_root:
-                async for event in self._models.load(request):
-                    yield event
-            else:
-                stub = self._cluster.root_stub()
-                async for event in _relay(self._cluster, stub.Load(request)):
-                    yield event
+            async for event in self._router.load(request):
+                yield event
         except RequestError as e:
             log.warning("load refused: %s", e)
             await context.abort(e.code, str(e))
 
     async def Unload(self, request: pb.UnloadRequest, context: Context) -> pb.UnloadReply:
-        if self._cluster.is_root:
-            return pb.UnloadReply(was_loaded=await self._models.unload())
         try:
-            stub = self._cluster.root_stub()
-            return await _ask_root(self._cluster, stub.Unload(request))
+            return await self._router.unload(request)
         except RequestError as e:
             await context.abort(e.code, str(e))
             raise  # unreachable: abort raises
@@ -165,58 +140,8 @@ class ControlService(pb_grpc.ControlServicer):
     ) -> AsyncIterator[pb.GenerateEvent]:
         try:
             check_generate(request)
-            if self._cluster.is_root:
-                async for event in self._models.generate(request):
-                    yield event
-            else:
-                stub = self._cluster.root_stub()
-                async for event in _relay(self._cluster, stub.Generate(request)):
-                    yield event
+            async for event in self._router.generate(request):
+                yield event
         except RequestError as e:
             log.warning("generation failed: %s", e)
             await context.abort(e.code, str(e))
-
-
-def _from_root(error: BaseException, forwarded: Forwarded) -> RequestError | None:
-    """The sentence for a call to the root that failed; None when it was this
-    request that was cancelled (its client went away)."""
-    root = forwarded.root_name
-    if forwarded.orphaned:
-        return RequestError(
-            grpc.StatusCode.UNAVAILABLE,
-            f"the root ({root}) stopped answering and counts as gone; ask again: the "
-            "devices left choose another root",
-        )
-    if not isinstance(error, grpc.aio.AioRpcError):
-        return None
-    details = error.details() or error.code().name
-    if error.code() == grpc.StatusCode.UNAVAILABLE:
-        details = f"the root ({root}) cannot be reached: {details}"
-    else:
-        details = f"on the root ({root}): {details}"
-    return RequestError(error.code(), details)
-
-
-@contextlib.contextmanager
-def _naming_the_root(cluster: Cluster, call: grpc.aio.Call) -> Iterator[None]:
-    """Watch `call`, made to the root, and turn its errors into sentences naming it."""
-    with cluster.forwarding(call) as forwarded:
-        try:
-            yield
-        except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
-            if error := _from_root(e, forwarded):
-                raise error from e
-            raise
-
-
-async def _ask_root(cluster: Cluster, call: grpc.aio.UnaryUnaryCall[Any, T]) -> T:
-    """The root's answer to `call`; its errors name the root."""
-    with _naming_the_root(cluster, call):
-        return await call
-
-
-async def _relay(cluster: Cluster, call: grpc.aio.UnaryStreamCall[Any, T]) -> AsyncIterator[T]:
-    """Pass a stream from the root on; its errors name the root."""
-    with _naming_the_root(cluster, call):
-        async for event in call:
-            yield event

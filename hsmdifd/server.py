@@ -32,6 +32,7 @@ from hsmdifd.node import Identity, load_identity
 from hsmdifd.peer_service import PeerService
 from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
+from hsmdifd.routing import Router
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ class Daemon:
             await self._serve_peers(secret)
         server = grpc.aio.server()
         pb_grpc.add_ControlServicer_to_server(
-            ControlService(cluster, models, self.device_profile), server
+            ControlService(cluster, Router(cluster, models), self.device_profile), server
         )
         if server.add_insecure_port(f"unix:{path}") == 0:
             raise StartupError(f"cannot listen on {path}")
