@@ -13,7 +13,7 @@ LLAMA_VERSION := 0.3.36
 # build made without -DGGML_RPC=ON.
 CACHE_HOME ?= $(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)
 WHEELS := $(CACHE_HOME)/hsmdif/wheels/llama-cpp-python-$(LLAMA_VERSION)-rpc
-APT_PACKAGES := python3-venv python3-dev build-essential cmake pkg-config libsystemd-dev iproute2 systemd
+APT_PACKAGES := python3-venv python3-dev build-essential cmake pkg-config libsystemd-dev iproute2 systemd nftables
 
 .PHONY: help deps venv demo test check lint types unit proto bench bench-quick bench-smoke clean
 

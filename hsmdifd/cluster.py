@@ -212,64 +212,39 @@ class Cluster:
         e = self.epoch()
         return pb.Epoch(policy_version=e.policy_version, root_id=e.root_id, generation=e.generation)
 
-    def _recompute(self) -> None:
-        """Decide who is root now.
+    def view(self) -> election.View:
+        """What this device knows of the cluster, for deciding whom to follow."""
+        claims = {}
+        if self.membership is not None:
+            for m in self.membership.members():
+                status = self.membership.status_of(m.node_id)
+                if status is not None and m.live:
+                    claims[m.node_id] = election.RootClaim(status.epoch.root_id, status.generating)
+        return election.View(
+            me=self.identity.node_id,
+            members=tuple(self.members()),
+            policy=self.policy,
+            current=self.root_id,
+            claims=claims,
+            busy=self._busy(),
+            refused=bool(self.refused),
+        )
 
-        A live root decides its own succession, since only it knows for sure whether
-        an answer is in flight: the others follow what it announces in its status
-        (its epoch's root). A device that is root itself (or joins) defers to a
-        live root that is busy; otherwise, and when the root is gone, the election
-        decides.
-        """
-        me = self.identity.node_id
-        members = [m for m in self.members() if not (self.refused and m.node_id == me)]
-        live = {m.node_id: m for m in members if m.live}
-        current = self.root_id
-        announced = self._announced_root(current, live)
-        if announced is not None:
-            new_root = announced
-            elected = election.elect(members, self.policy)
-            if announced == me and elected is not None and elected.node_id != me:
-                # Named by a root that has not yet seen this device hand the root over
-                # to it: taking it back would have the two hand it to each other for
-                # ever. Wait until the announcement follows the election.
-                new_root = current
-        else:
-            busy_roots = [
-                m.node_id
-                for m in election.rank(live.values(), self.policy)
-                if m.node_id != me and self._busy_root(m.node_id)
-            ]
-            if busy_roots:
-                new_root = busy_roots[0]
-            else:
-                keep = current if current in live else None
-                root = election.choose_root(members, self.policy, keep, self._busy())
-                new_root = root.node_id if root else me
+    def _recompute(self) -> None:
+        """Decide who is root now (election.succession), and wake the follower when the
+        root, the live set or the policy changed."""
+        view = self.view()
+        new_root = election.succession(view)
+        live = frozenset(m.node_id for m in view.members if m.live)
         if new_root != self.root_id:
-            name = live[new_root].name if new_root in live else new_root
-            log.info("root is now %s (%s)", name, new_root)
+            names = {m.node_id: m.name for m in view.members}
+            log.info("root is now %s (%s)", names.get(new_root, new_root), new_root)
             self.root_id = new_root
         # Wake the follower only for what it acts on, not for every heartbeat.
-        seen = (self.root_id, frozenset(live), self.policy)
+        seen = (self.root_id, live, self.policy)
         if seen != self._seen:
             self._seen = seen
             self.changed.set()
-
-    def _announced_root(self, current: str, live: dict[str, election.Member]) -> str | None:
-        """Whom a live root other than this device names as root, if it is live."""
-        if current == self.identity.node_id or current not in live or self.membership is None:
-            return None
-        status = self.membership.status_of(current)
-        if status is None:
-            return None
-        handed = status.epoch.root_id
-        return handed if handed in live else current
-
-    def _busy_root(self, node_id: str) -> bool:
-        """Whether `node_id` says it is root and has an answer in flight."""
-        status = self.membership.status_of(node_id) if self.membership else None
-        return status is not None and status.epoch.root_id == node_id and status.generating
 
     def adopt_policy(self, message: pb.Policy, sender: str = "") -> bool:
         """Take `message` if it is newer than ours; True when it was. A version far ahead
@@ -509,7 +484,7 @@ class Cluster:
             device.role = "root" if member.node_id == self.root_id else "worker"
             out.append(device)
         if self.membership is not None:
-            now = time.monotonic()
+            now = self.membership.now()
             for record in self.membership.records():
                 state = self.membership.state_of(record, now)
                 unknown = record.status is None and not record.alias_of

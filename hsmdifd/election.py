@@ -7,8 +7,8 @@ policy computes the same root, whatever order it learnt them in.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 
@@ -80,6 +80,59 @@ def choose_root(
         if current is not None:
             return current
     return next((m for m in ranked if m.live), None)
+
+
+@dataclass(frozen=True)
+class RootClaim:
+    """What a live peer last said of the root: whom it names, and whether it is itself
+    answering a request (only a root does)."""
+
+    names: str
+    generating: bool = False
+
+
+@dataclass(frozen=True)
+class View:
+    """What one device knows when it decides whom to follow as root."""
+
+    me: str
+    members: tuple[Member, ...]  # this device included
+    policy: Policy
+    current: str  # the root it follows now
+    claims: Mapping[str, RootClaim] = field(default_factory=dict)  # by node id, peers only
+    busy: bool = False  # this device has an answer in flight
+    refused: bool = False  # this device's id is another's, which started first
+
+
+def succession(view: View) -> str:
+    """The node id this device follows as root next.
+
+    A live root decides its own succession, since only it knows for sure whether an
+    answer is in flight: the others follow whom it names. A device that is root itself
+    (or joins) defers to a live root that is busy; otherwise, and when the root is
+    gone, the election decides (`choose_root`: a busy root stays).
+    """
+    me = view.me
+    members = [m for m in view.members if not (view.refused and m.node_id == me)]
+    live = {m.node_id: m for m in members if m.live}
+    current = view.current
+    claim = view.claims.get(current) if current != me and current in live else None
+    if claim is not None:
+        named = claim.names if claim.names in live else current
+        elected = elect(members, view.policy)
+        if named == me and elected is not None and elected.node_id != me:
+            # Named by a root that has not yet seen this device hand the root over to
+            # it: taking it back would have the two hand it to each other for ever.
+            # Wait until the announcement follows the election.
+            return current
+        return named
+    for m in rank(live.values(), view.policy):
+        c = view.claims.get(m.node_id)
+        if m.node_id != me and c is not None and c.names == m.node_id and c.generating:
+            return m.node_id
+    keep = current if current in live else None
+    root = choose_root(members, view.policy, keep, view.busy)
+    return root.node_id if root else me
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,13 @@ class Membership:
         self._live: frozenset[str] = frozenset()
         self.duplicate_of = ""  # set when this device's id is another's and we are newer
         self._turned_away = auth.RateLimitedLog(log)
+        self._clock = StallFreeClock(max_step=dead_after / 2)
+        self._ticker: asyncio.Task[None] | None = None
+
+    def now(self) -> float:
+        """The clock peers' silence is measured by: time this device itself stood still
+        (stopped, suspended, swapping) does not count against them."""
+        return self._clock()
 
     # ---- what the rest of the daemon reads ----------------------------------------
 
@@ -150,7 +157,7 @@ class Membership:
 
     def members(self) -> list[Member]:
         """Peers with a known identity, as the election sees them."""
-        now = time.monotonic()
+        now = self.now()
         known = [r for r in self._peers.values() if r.status and not r.status.duplicate_of]
         conflicts = id_conflicts(
             (r.node_id, r.address, r.status.started_at) for r in known if r.status
@@ -216,6 +223,8 @@ class Membership:
         record.gone = False
         if declared is not None:
             record.declared = declared
+        if self._ticker is None:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
         if address not in self._links:
             options = channel_options(self.interval) + self._channel_extra
             interceptors = auth.client_interceptors(
@@ -318,7 +327,7 @@ class Membership:
             record = self._peers[address]
         record.node_id = status.device.id
         record.status = status
-        record.last_seen = time.monotonic()
+        record.last_seen = self.now()
         record.problem = None
         record.reason = ""
         record.gone = False
@@ -434,7 +443,18 @@ class Membership:
         if link is not None:
             await link.channel.close(None)
 
+    async def _tick(self) -> None:
+        """Read the clock and the live set several times a heartbeat interval, so that a
+        silent peer counts as dead on time and the clock sees this device's own stalls."""
+        while True:
+            await asyncio.sleep(self.interval / 2)
+            self.refresh()
+
     async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
         for link in self._links.values():
             if link.task is not None:
                 link.task.cancel()
@@ -447,6 +467,29 @@ class Membership:
 
 
 _closing: set[asyncio.Task[None]] = set()
+
+
+class StallFreeClock:
+    """Monotonic seconds that advance at most `max_step` between two readings.
+
+    Membership reads it several times a heartbeat interval. When this device stood still
+    for a while, the first reading after it woke advances only `max_step`: its peers
+    count as silent for what they really were, not for the time this device did not
+    listen, so a woken device does not declare them dead and itself root before their
+    next heartbeat has had a chance to arrive.
+    """
+
+    def __init__(self, max_step: float, source: Callable[[], float] = time.monotonic) -> None:
+        self._max_step, self._source = max_step, source
+        self._real = source()
+        self._value = self._real
+
+    def __call__(self) -> float:
+        real = self._source()
+        self._value += min(max(0.0, real - self._real), self._max_step)
+        self._real = real
+        return self._value
+
 
 WRONG_CERTIFICATE = "its TLS certificate was not made with this cluster's secret"
 

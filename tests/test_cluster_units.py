@@ -13,7 +13,7 @@ from hsmdifd.config import ConfigError
 from hsmdifd.devices_file import load_devices_file
 from hsmdifd.discovery import TXT_LIMIT, encode_txt, parse_hint
 from hsmdifd.election import MemberState
-from hsmdifd.membership import PROTOCOL_VERSION, Membership
+from hsmdifd.membership import PROTOCOL_VERSION, Membership, StallFreeClock
 from hsmdifd.proto import hsmdif_pb2 as pb
 from tests.conftest import run_ctl
 
@@ -153,3 +153,18 @@ def test_cluster_init_writes_a_private_secret(tmp_path: Path) -> None:
     assert "Copy the same file to every device" in r.stdout
     again = run_ctl("cluster", "init", "--out", str(out))
     assert again.returncode == 1 and str(out) in again.stderr
+
+
+def test_the_membership_clock_does_not_count_this_devices_own_stalls() -> None:
+    real = [100.0]
+    clock = StallFreeClock(max_step=0.75, source=lambda: real[0])
+    start = clock()
+    for _ in range(10):  # read often: it keeps time
+        real[0] += 0.25
+        clock()
+    assert clock() - start == pytest.approx(2.5)
+    before = clock()
+    real[0] += 30.0  # this device stood still for 30 s
+    assert clock() - before == pytest.approx(0.75)
+    real[0] -= 5.0  # never backwards
+    assert clock() - before == pytest.approx(0.75)

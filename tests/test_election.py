@@ -19,7 +19,9 @@ from hsmdifd.election import (
     MemberState,
     Policy,
     PriorityError,
+    RootClaim,
     UnknownDevice,
+    View,
     choose_root,
     elect,
     grants_lease,
@@ -27,6 +29,7 @@ from hsmdifd.election import (
     newer_policy,
     rank,
     resolve_priority,
+    succession,
 )
 
 GiB = 1024**3
@@ -379,3 +382,90 @@ def test_id_conflicts_keep_the_earliest_and_refuse_the_rest(
 def test_member_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         KITCHEN.name = "other"  # type: ignore[misc]
+
+
+# Root succession: whom a device follows, from what it knows.
+
+
+@st.composite
+def views(draw: st.DrawFn) -> View:
+    peers, policy = draw(clusters())
+    me = draw(st.sampled_from(["me", *ids(tuple(peers))])) if draw(st.booleans()) else "me"
+    members = [m for m in peers if m.node_id != me]
+    members.append(member(me, draw(st.integers(0, 4)), ALIVE))
+    known = ids(tuple(members))
+    live = [m.node_id for m in members if m.live and m.node_id != me]
+    claims = (
+        {
+            i: RootClaim(draw(st.sampled_from([*known, "absent"])), draw(st.booleans()))
+            for i in draw(st.lists(st.sampled_from(live), unique=True))
+            if live
+        }
+        if live
+        else {}
+    )
+    return View(
+        me=me,
+        members=tuple(members),
+        policy=policy,
+        current=draw(st.sampled_from([*known, "absent"])),
+        claims=claims,
+        busy=draw(st.booleans()),
+        refused=draw(st.booleans()),
+    )
+
+
+@given(views())
+def test_succession_names_a_live_device_or_this_one(view: View) -> None:
+    root = succession(view)
+    live = {m.node_id for m in view.members if m.live}
+    assert root == view.me or root in live
+
+
+@given(views())
+def test_without_claims_the_election_decides(view: View) -> None:
+    quiet = dataclasses.replace(view, claims={}, busy=False, refused=False)
+    elected = elect(quiet.members, quiet.policy)
+    assert succession(quiet) == (elected.node_id if elected else quiet.me)
+
+
+@given(views())
+def test_a_busy_root_keeps_the_root(view: View) -> None:
+    """No takeover mid-answer: this device, root and answering, stays root."""
+    busy = dataclasses.replace(view, current=view.me, busy=True, refused=False, claims={})
+    assert succession(busy) == view.me
+
+
+@given(views())
+def test_a_live_root_is_followed_to_whom_it_names(view: View) -> None:
+    live = {m.node_id for m in view.members if m.live}
+    root = view.current
+    if root == view.me or root not in live or root not in view.claims:
+        return
+    named = view.claims[root].names
+    result = succession(view)
+    if named in live and named != view.me:
+        assert result == named
+    elif named not in live:
+        assert result == root
+
+
+@given(st.data(), views())
+def test_succession_does_not_depend_on_the_order_things_were_learnt(
+    data: st.DataObject, view: View
+) -> None:
+    shuffled = dataclasses.replace(view, members=tuple(data.draw(st.permutations(view.members))))
+    assert succession(shuffled) == succession(view)
+
+
+def test_a_device_handed_the_root_waits_for_the_election_to_agree() -> None:
+    """h1 (root) names h0, but h0's own election says h1: h0 keeps following h1."""
+    h0, h1 = member("a", 4), member("b", 16)
+    view = View(
+        me="a",
+        members=(h0, h1),
+        policy=DEFAULT_POLICY,
+        current="b",
+        claims={"b": RootClaim("a")},
+    )
+    assert succession(view) == "b"
