@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file to update")
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.tokens, args.screen_tokens, args.top = 2, 24, 12, 3
+        args.rounds, args.tokens, args.screen_tokens, args.top = 2, 16, 8, 2
 
     model = MODEL.path()
     shape = read_model_shape(model)
@@ -194,17 +194,38 @@ def main() -> None:
 
         screened: dict[Counts, float] = {}
         final: dict[Counts, list[float]] = {}  # one median per round
+        stopped = ""
+        rounds_done = 0
         with HandRpc(hosts[0], hosts[1:], model, N_CTX) as rpc:
-            for counts in candidates(shape.n_layer, len(hosts), most):
-                screened[counts] = median(time_split(rpc, counts, args.screen_tokens, 1))
-                print(f"  {label(counts):<8} {screened[counts]:6.2f} tokens/s", flush=True)
-            ranked = sorted(screened, key=lambda c: -screened[c])
-            finalists = list(dict.fromkeys([*rules.values(), *ranked[: args.top]]))
-            for r in range(args.rounds):
-                shift = r % len(finalists)
-                for counts in finalists[shift:] + finalists[:shift]:
-                    runs = time_split(rpc, counts, args.tokens, args.reps)
-                    final.setdefault(counts, []).append(median(runs))
+            # The rules first: if the time budget runs out, what they score is kept.
+            finalists = list(dict.fromkeys(rules.values()))
+            try:
+                for r in range(args.rounds):
+                    shift = r % len(finalists)
+                    for counts in finalists[shift:] + finalists[:shift]:
+                        runs = time_split(rpc, counts, args.tokens, args.reps)
+                        final.setdefault(counts, []).append(median(runs))
+                    rounds_done += 1
+                for counts in candidates(shape.n_layer, len(hosts), most):
+                    screened[counts] = median(time_split(rpc, counts, args.screen_tokens, 1))
+                    print(f"  {label(counts):<8} {screened[counts]:6.2f} tokens/s", flush=True)
+                ranked = sorted(screened, key=lambda c: -screened[c])
+                best_screened = [c for c in ranked[: args.top] if c not in final]
+                for _ in range(args.rounds):
+                    for counts in best_screened:
+                        runs = time_split(rpc, counts, args.tokens, args.reps)
+                        final.setdefault(counts, []).append(median(runs))
+            except KeyboardInterrupt:  # bench.run's budget ran out: keep what was measured
+                stopped = (
+                    f"stopped at its time budget after {rounds_done} full rounds of the rules "
+                    f"and {len(screened)} screened splits"
+                )
+                print(f"== {stopped}", flush=True)
+        if not rounds_done:
+            raise SystemExit("bench.heterogeneous: stopped before one round of the rules")
+        final = {c: v[:rounds_done] if c in rules.values() else v for c, v in final.items()}
+        final = {c: v for c, v in final.items() if v}
+        ranked = sorted(screened, key=lambda c: -screened[c])
 
     rates = {c: median(v) for c, v in final.items()}
     best = max(rates, key=lambda c: rates[c])
@@ -221,8 +242,12 @@ def main() -> None:
     ours = final[rules["hsmdif_default"]]
 
     def versus(other: Counts) -> float:
-        """Median over rounds of the ratio within each round (they drift together)."""
-        return round(median([a / b for a, b in zip(ours, final[other], strict=True)]), 4)
+        """Median over rounds of the ratio within each round (they drift together); a
+        split measured in other rounds (a screened finalist) by its median."""
+        theirs = final[other]
+        if len(theirs) == len(ours) and other in rules.values():
+            return round(median([a / b for a, b in zip(ours, theirs, strict=True)]), 4)
+        return round(median(ours) / median(theirs), 4)
 
     result: dict[str, Any] = {
         "speedup_vs_memory_split": versus(rules["llama_cpp_default"]),
@@ -247,8 +272,9 @@ def main() -> None:
         "cpu_period_ms": CPU_PERIOD_US / 1000,
         "candidates": len(screened),
         "screening_tokens_per_s": {label(c): round(screened[c], 2) for c in ranked},
-        "rounds": args.rounds,
+        "rounds": rounds_done,
         "tokens": args.tokens,
+        **({"partial": stopped} if stopped else {}),
     }
     print(f"{'rule':<28}{'layers h0/h1/h2':<18}{'tokens/s':>10}{'predicted':>11}")
     for name, entry in splits.items():

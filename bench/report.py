@@ -119,6 +119,8 @@ def machine_text(results: dict[str, Any]) -> str:
         rows.append(["failed, then measured again", ", ".join(run["failed_then_rerun"])])
     if run.get("failed"):
         rows.append(["failed", ", ".join(run["failed"])])
+    if run.get("partial"):
+        rows.append(["stopped at the time budget (figures so far kept)", ", ".join(run["partial"])])
     return table(["", ""], rows)
 
 

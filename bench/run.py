@@ -8,7 +8,8 @@ into the existing one). A benchmark that fails is reported and the others still
 run; the exit status is then 1. A benchmark that outlives its time budget is
 interrupted, so that `--quick` ends within 10 minutes on 2 cores even when the
 machine is busy with other work (the figures of a busy machine are not worth
-waiting for).
+waiting for). An interrupted benchmark that kept figures (`partial` in its key) is
+reported as partial, not failed: the run still succeeds.
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ def main() -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     durations: dict[str, float] = {}
     failed: list[str] = []
+    partly: list[str] = []  # stopped at their budget, with the figures measured by then
     with tempfile.TemporaryDirectory(prefix="hsm-bench-") as tmp:
         partial = Path(tmp) / "results.json"
         earlier = args.out / "results.json"
@@ -156,6 +158,11 @@ def main() -> int:
             argv = [sys.executable, "-m", f"bench.{name}", *options, "--results", str(partial)]
             status = run_step(argv, budget)
             durations[name] = round(time.monotonic() - t, 1)
+            kept = json.loads(partial.read_text()).get(name, {}) if partial.exists() else {}
+            if status == TIMED_OUT and isinstance(kept, dict) and kept.get("partial"):
+                partly.append(f"{name} ({kept['partial']})")
+                print(f"== bench.{name}: {partly[-1]}; its figures so far are kept", flush=True)
+                continue
             if status == TIMED_OUT:
                 failed.append(f"{name} (stopped after {budget:.0f} s)")
             elif status != 0:
@@ -173,7 +180,7 @@ def main() -> int:
         failed = [f for f in run.get("failed", []) if f not in again] + failed
         durations = {**run.get("seconds", {}), **durations}
         run["rerun"] = {**run.get("rerun", {}), **dict.fromkeys(steps, date)}
-    results["run"] = {**run, "seconds": durations, "failed": failed}
+    results["run"] = {**run, "seconds": durations, "failed": failed, "partial": partly}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_plot(results, args.out / PLOT)

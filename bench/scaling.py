@@ -28,12 +28,18 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file to update")
     args = parser.parse_args()
     if args.quick:
-        args.reps, args.tokens = 3, 24
+        args.hosts, args.reps, args.tokens = [1, 2, 3], 2, 24
     model = MODEL.path()
     by_hosts: dict[str, Any] = {}
     print(f"{'hosts':<7}{'layers':<28}{'tokens/s':>9}{'ms/token':>10}{'TTFT ms':>9}{'B/token':>9}")
+    stopped = ""
     for n in args.hosts:
-        r = measure(n, model, args.reps, args.tokens, hand=False)
+        try:
+            r = measure(n, model, args.reps, args.tokens, hand=False)
+        except KeyboardInterrupt:  # bench.run's budget ran out: keep what was measured
+            stopped = f"stopped at its time budget before {n} hosts"
+            print(f"== {stopped}", flush=True)
+            break
         by_hosts[str(n)] = {
             "tokens_per_s": r["hsmdif_tokens_per_s"],
             "ms_per_token": r["ms_per_token"],
@@ -51,6 +57,7 @@ def main() -> None:
     result = {
         "by_hosts": by_hosts,
         **run_facts(model, args.tokens, args.reps),
+        **({"partial": stopped} if stopped else {}),
     }
     merge_results(args.results, "scaling", result)
 
