@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.message import Message
 
+from hsmdifd import timing
+
 log = logging.getLogger(__name__)
 
 AUTH_KEY = "x-hsmdif-auth"
@@ -49,7 +51,7 @@ TRAILER_KEY = "x-hsmdif-auth-body"
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
 SECRET_BYTES = 32
 MIN_SECRET_BYTES = 16
-DEFAULT_SKEW = 30.0
+DEFAULT_SKEW = timing.PROOF_WINDOW
 MAX_NONCES = 100_000
 CREATE_HINT = (
     "make one with `hsmdifctl cluster init --out FILE` and copy the same file to every device"
@@ -389,15 +391,9 @@ class AuthServerInterceptor(_ServerBase):
             )
 
         if handler.request_streaming:
-            kind = "stream_stream" if handler.response_streaming else "stream_unary"
-            make_refusal: Callable[..., Handler] = getattr(grpc, f"{kind}_rpc_method_handler")
-
-            async def refuse(requests: Any, context: Context) -> Any:
-                await context.abort(
-                    grpc.StatusCode.UNAUTHENTICATED, "streamed requests are not accepted"
-                )
-
-            return make_refusal(refuse)
+            # A proof covers one request body: a stream of them cannot be checked. No
+            # peer method streams its requests; gRPC answers UNIMPLEMENTED.
+            return None  # type: ignore[return-value]
         kind = "unary_stream" if handler.response_streaming else "unary_unary"
         make: Callable[..., Handler] = getattr(grpc, f"{kind}_rpc_method_handler")
         return make(

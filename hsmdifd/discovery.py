@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from hsmdifd import timing
+
 log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_hsmdif._tcp.local."
 TXT_LIMIT = 200
-RESOLVE_TIMEOUT_MS = 3000
 MAX_RESOLVING = 8
 MAX_NAMES = 256
 
@@ -141,7 +142,7 @@ class Discovery:
 
     async def _resolve(self, zeroconf: Zeroconf, name: str) -> None:
         info = AsyncServiceInfo(SERVICE_TYPE, name)
-        if not await info.async_request(zeroconf, RESOLVE_TIMEOUT_MS):
+        if not await info.async_request(zeroconf, int(timing.MDNS_RESOLVE_TIMEOUT * 1000)):
             return
         hosts = info.parsed_addresses(IPVersion.V4Only)
         if not hosts or info.port is None:

@@ -15,6 +15,11 @@ UNPROVEN_TIMEOUT = 30.0
 forgotten."""
 HINT_INTERVAL = 1.0
 """Seconds between new announced addresses followed, past a small burst."""
+MDNS_RESOLVE_TIMEOUT = 3.0
+"""Seconds an mDNS look-up of an announced service gets."""
+PROOF_WINDOW = 30.0
+"""Seconds a peer request proof stays good: older ones are stale, newer than the clock
+by more than this are refused as clock skew, and nonces are remembered this long."""
 
 # Lifecycle.
 SHUTDOWN_GRACE = 5.0

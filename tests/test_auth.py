@@ -184,10 +184,8 @@ def test_streamed_requests_are_refused() -> None:
             )
             metadata, _ = signed("client-4", f"/{SERVICE}/Chat", b"")
             refused = await refusal(chat(iter([b"a", b"b"]), metadata=metadata).read())
-            assert refused == (
-                grpc.StatusCode.UNAUTHENTICATED,
-                "streamed requests are not accepted",
-            )
+            # UNIMPLEMENTED, or INTERNAL when the client was still sending as it ended.
+            assert refused[0] in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL)
         assert seen == []
 
     run(main())
