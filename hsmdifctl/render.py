@@ -108,6 +108,8 @@ def device_dict(d: pb.DeviceProfile) -> dict[str, Any]:
         "rank": d.rank or None,
         "layers": d.layers,
         "share_bytes": d.share_bytes,
+        "rpc_protocol": d.rpc_protocol,
+        "problem": d.problem,
     }
 
 
@@ -148,7 +150,8 @@ def devices_text(devices: list[pb.DeviceProfile]) -> str:
                 f"{d['layers']} ({d['share_bytes'] // MIB} MiB)" if d["layers"] else "-",
             ]
         )
-    return table(rows, header)
+    notes = [f"{d.name or d.address}: {d.problem}" for d in devices if d.problem]
+    return "\n".join([table(rows, header), *notes])
 
 
 def loaded_text(model: pb.ModelInfo) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from hsmdifd import auth, election, planner, timing
+from hsmdifd import auth, election, planner, rpc_protocol, timing
 from hsmdifd.config import Config
 from hsmdifd.discovery import Discovery, Hint, encode_txt
 from hsmdifd.errors import RequestError
@@ -376,6 +376,8 @@ class Cluster:
             device = self.membership.device_of(member.node_id)
             if member.node_id == me.id or not member.live or device is None:
                 continue
+            if rpc_protocol.refusal(me.rpc_protocol, device.rpc_protocol):
+                continue
             out.append(
                 planner.DeviceCapacity(
                     node_id=member.node_id,
@@ -481,6 +483,10 @@ class Cluster:
                 device = known or pb.DeviceProfile(id=member.node_id)
             device.rank = rank
             device.state = by_id[member.node_id].state.value
+            if member.node_id != self.identity.node_id and (
+                why := rpc_protocol.refusal(self.device.rpc_protocol, device.rpc_protocol)
+            ):
+                device.problem = f"not planned onto: {why}"
             device.role = "root" if member.node_id == self.root_id else "worker"
             out.append(device)
         if self.membership is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from hsmdifd import notify, profile, timing, tls
+from hsmdifd import notify, profile, rpc_protocol, timing, tls
 from hsmdifd.auth import AuthServerInterceptor, SecretError, load_secret
 from hsmdifd.cluster import Cluster
 from hsmdifd.config import Config, ConfigError, load_config, with_overrides
@@ -138,6 +138,7 @@ class Daemon:
             role="root",
             state="alive",
             declared=memory.declared or bool(res.speed_override),
+            rpc_protocol=rpc_protocol.protocol(),
         )
 
     # ---- lifecycle ------------------------------------------------------------------

@@ -9,15 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from hsmdifd.config import ConfigError
+from hsmdifd import rpc_protocol
+from hsmdifd.cluster import Cluster
+from hsmdifd.config import Config, ConfigError, with_overrides
 from hsmdifd.devices_file import load_devices_file
 from hsmdifd.discovery import TXT_LIMIT, encode_txt, parse_hint
 from hsmdifd.election import MemberState
 from hsmdifd.membership import PROTOCOL_VERSION, Membership, StallFreeClock
+from hsmdifd.node import Identity
 from hsmdifd.proto import hsmdif_pb2 as pb
 from tests.conftest import run_ctl
 
 NODE = "6f1c7d3e-0b7a-4a47-9a0e-1d2c3b4a5f60"
+GIB = 1024**3
 
 
 def test_txt_record_round_trips_under_200_bytes() -> None:
@@ -168,3 +172,53 @@ def test_the_membership_clock_does_not_count_this_devices_own_stalls() -> None:
     assert clock() - before == pytest.approx(0.75)
     real[0] -= 5.0  # never backwards
     assert clock() - before == pytest.approx(0.75)
+
+
+def test_the_rpc_protocol_comes_from_the_installed_header() -> None:
+    header = "#define RPC_PROTO_MAJOR_VERSION    7\n#define RPC_PROTO_MINOR_VERSION 0\n"
+    assert rpc_protocol.parse_header(header) is None  # no patch level: not a version
+    assert rpc_protocol.parse_header(header + "#define RPC_PROTO_PATCH_VERSION 2\n") == "7.0.2"
+    assert rpc_protocol.protocol().startswith(("rpc ", "llama-cpp-python "))
+    assert rpc_protocol.refusal("rpc 7.0.0", "rpc 7.0.0") is None
+    assert "rpc 6.1.0, the root rpc 7.0.0" in (rpc_protocol.refusal("rpc 7.0.0", "rpc 6.1.0") or "")
+    assert "did not say" in (rpc_protocol.refusal("rpc 7.0.0", "") or "")
+
+
+def test_a_device_with_another_rpc_protocol_is_not_planned_onto(tmp_path: Path) -> None:
+    """It stays a member (it may be root), but holds no layers; devices says why."""
+
+    async def scenario() -> None:
+        config = with_overrides(Config(), state_dir=str(tmp_path), network_mdns=False)
+        me = Identity(NODE, "me", "127.0.0.1:9")
+        cluster = Cluster(config, me, b"s" * 32, busy=lambda: False, model=lambda: pb.ModelInfo())
+        cluster.set_device(
+            pb.DeviceProfile(
+                id=NODE,
+                name="me",
+                address=me.address,
+                memory_total_bytes=GIB,
+                memory_usable_bytes=GIB,
+                speed=1.0,
+                rpc_protocol="rpc 7.0.0",
+            )
+        )
+        await cluster.start()
+        try:
+            for node_id, address, protocol in (
+                ("peer-same", "127.0.0.2:9", "rpc 7.0.0"),
+                ("peer-other", "127.0.0.3:9", "rpc 6.1.0"),
+            ):
+                peer = status(node_id, address)
+                peer.device.memory_total_bytes = peer.device.memory_usable_bytes = GIB
+                peer.device.rpc_protocol = protocol
+                cluster.observe(peer)
+            planned = {d.node_id for d in cluster.capacities()}
+            assert planned == {NODE, "peer-same"}
+            problems = {d.id: d.problem for d in cluster.devices()}
+            assert problems[NODE] == problems["peer-same"] == ""
+            assert "it speaks llama.cpp rpc 6.1.0, the root rpc 7.0.0" in problems["peer-other"]
+            assert {m.node_id for m in cluster.members() if m.live} >= {"peer-other"}
+        finally:
+            await cluster.stop()
+
+    asyncio.run(scenario())
