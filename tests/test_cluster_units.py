@@ -190,7 +190,7 @@ def test_a_device_with_another_rpc_protocol_is_not_planned_onto(tmp_path: Path) 
     async def scenario() -> None:
         config = with_overrides(Config(), state_dir=str(tmp_path), network_mdns=False)
         me = Identity(NODE, "me", "127.0.0.1:9")
-        cluster = Cluster(config, me, b"s" * 32, busy=lambda: False, model=lambda: pb.ModelInfo())
+        cluster = Cluster(config, me, b"s" * 32, busy=lambda: False, model=pb.ModelInfo)
         cluster.set_device(
             pb.DeviceProfile(
                 id=NODE,
