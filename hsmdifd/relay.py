@@ -138,9 +138,12 @@ def _nodelay(sock: socket.socket) -> None:
 
 
 def _peer_closed(sock: socket.socket) -> bool:
-    """Whether the peer of a plain TCP socket has closed its side (without reading it)."""
+    """Whether the peer of a TCP connection has closed its side, without reading from it.
+
+    Peeks at the TCP stream itself, under TLS too.
+    """
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        return socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except (BlockingIOError, InterruptedError):
         return False
     except OSError:
@@ -324,7 +327,9 @@ class WorkerRelay:
         # its handshake, whatever object the TLS layer made of the original.
         self._pending: list[socket.socket] = []
         self._claimed = False  # by an authenticated connection of the holder
+        self._released = threading.Condition(self._lock)
         self._session: _Splice | None = None
+        self._client: socket.socket | None = None  # the session's connection from the root
         self._closing = False
         self._refusals = _Refusals(f"the relay for {holder}")
 
@@ -347,7 +352,11 @@ class WorkerRelay:
     def _accepted(self, conn: socket.socket, peer: object) -> None:
         evicted: socket.socket | None = None
         with self._lock:
-            refused = self._closing or self._claimed
+            # One that arrives as the last one closes is let through: llama.cpp
+            # reconnects at once (rpc.register_servers probes, then ggml connects).
+            refused = self._closing or (
+                self._claimed and (self._client is None or not _peer_closed(self._client))
+            )
             if not refused:
                 handle = conn.dup()
                 self._pending.append(handle)
@@ -391,8 +400,11 @@ class WorkerRelay:
                 conn.close()
                 return
             with self._lock:
+                self._released.wait_for(
+                    lambda: self._closing or not self._claimed, timing.RELAY_LINGER
+                )
                 refused = self._closing or self._claimed
-                self._claimed = True
+                self._claimed = self._claimed or not refused
             if refused:
                 self._refusals.note(peer, "busy with the lease holder's connection")
                 _shutdown(conn)
@@ -420,7 +432,7 @@ class WorkerRelay:
         session = _Splice(conn, upstream, f"relay {self.port}", self._release)
         with self._lock:
             closing = self._closing
-            self._session = session
+            self._session, self._client = session, conn
         session.start()
         if closing:
             session.abort()
@@ -429,12 +441,14 @@ class WorkerRelay:
     def _release(self) -> None:
         with self._lock:
             self._claimed = False
-            self._session = None
+            self._session = self._client = None
+            self._released.notify_all()
 
     async def close(self) -> None:
         """Stop listening and cut the live connection, at once."""
         with self._lock:
             self._closing = True
+            self._released.notify_all()
             session, pending = self._session, list(self._pending)
         self._listener.close()
         for handle in pending:

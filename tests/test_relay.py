@@ -232,7 +232,7 @@ def test_plain_data_plane_relays_without_tls(creds: Creds, worker: Worker) -> No
         async with relays(creds, worker, "plain") as r:
             # plain: the worker relay itself speaks llama.cpp RPC to whoever connects
             assert (await in_thread(session, (HOST, r.worker.port)))[0] == 7
-            await asyncio.sleep(0.5)  # that connection's end reaches the worker relay
+            # right after a connection closed, the next is let in (llama.cpp reconnects)
             assert (await in_thread(session, r.local))[0] == 7
 
     run(main())
