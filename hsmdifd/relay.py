@@ -355,7 +355,7 @@ class WorkerRelay:
             # One that arrives as the last one closes is let through: llama.cpp
             # reconnects at once (rpc.register_servers probes, then ggml connects).
             refused = self._closing or (
-                self._claimed and (self._client is None or not _peer_closed(self._client))
+                self._claimed and self._client is not None and not _peer_closed(self._client)
             )
             if not refused:
                 handle = conn.dup()
@@ -404,7 +404,8 @@ class WorkerRelay:
                     lambda: self._closing or not self._claimed, timing.RELAY_LINGER
                 )
                 refused = self._closing or self._claimed
-                self._claimed = self._claimed or not refused
+                if not refused:
+                    self._claimed, self._client = True, conn
             if refused:
                 self._refusals.note(peer, "busy with the lease holder's connection")
                 _shutdown(conn)
@@ -432,7 +433,7 @@ class WorkerRelay:
         session = _Splice(conn, upstream, f"relay {self.port}", self._release)
         with self._lock:
             closing = self._closing
-            self._session, self._client = session, conn
+            self._session = session
         session.start()
         if closing:
             session.abort()
