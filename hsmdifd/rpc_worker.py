@@ -57,25 +57,37 @@ KEEPALIVE_MISSED = 3
 """Exit status of a worker whose daemon stopped sending keepalive bytes."""
 
 
-def watch_parent(keepalive: float | None) -> int:
-    """Block until stdin closes (0) or, with `keepalive`, no byte came for that long (3)."""
+def watch_parent(keepalive: float | None, serving: threading.Event | None = None) -> int:
+    """Block until stdin closes (0) or, with `keepalive`, no byte came for that long (3).
+
+    The time before `serving` is set does not count: the daemon starts its beats
+    once it read `ready`.
+    """
     fd = sys.stdin.fileno()
+    counting = serving is None
+    last = time.monotonic()
     while True:
-        ready, _, _ = select.select([fd], [], [], keepalive)
-        if not ready:
+        timeout = None if keepalive is None else max(0.0, last + keepalive - time.monotonic())
+        ready, _, _ = select.select([fd], [], [], timeout)
+        if ready:
+            try:
+                if not os.read(fd, 4096):
+                    return 0
+            except OSError:
+                return 0
+            last = time.monotonic()
+        elif not counting:
+            counting = serving is None or serving.is_set()
+            last = time.monotonic()  # a whole interval from when the beats may start
+        else:
             log.error(
                 "no keepalive from the daemon for %.1f s (frozen or stopped): exiting", keepalive
             )
             return KEEPALIVE_MISSED
-        try:
-            if not os.read(fd, 4096):
-                return 0
-        except OSError:
-            return 0
 
 
-def _exit_with_parent(keepalive: float | None) -> None:
-    os._exit(watch_parent(keepalive))
+def _exit_with_parent(keepalive: float | None, serving: threading.Event) -> None:
+    os._exit(watch_parent(keepalive, serving))
 
 
 def _serve(endpoint: str, cache_dir: Path | None, threads: int) -> None:
@@ -119,8 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, rpc.RpcError) as e:
         log.error("%s", e)
         sys.exit(2)
+    serving = threading.Event()
     threading.Thread(
-        target=_exit_with_parent, args=(args.keepalive,), name="parent", daemon=True
+        target=_exit_with_parent, args=(args.keepalive, serving), name="parent", daemon=True
     ).start()
     server = threading.Thread(
         target=_serve, args=(args.endpoint, args.cache_dir, args.threads), name="rpc", daemon=True
@@ -135,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         os._exit(1)
     print("ready", file=out, flush=True)
+    serving.set()
     server.join()  # returns only if the server stops, which it does not on its own
     os._exit(1)
 
