@@ -562,6 +562,9 @@ class RootRelay:
             if previous is not None and not previous.done.wait(timing.RELAY_LINGER):
                 previous.abort()
                 previous.done.wait(timing.RELAY_LINGER)
+            if self._closing:
+                local.sock.close()
+                return
             try:
                 upstream = self._connect()
             except (OSError, ValueError, TlsError) as e:

@@ -26,6 +26,7 @@ import pytest
 from hsmdifd import relay, rpc, rpc_worker, tls
 from hsmdifd.leases import Leases
 from hsmdifd.proto import hsmdif_pb2 as pb
+from tests.tinymodel import write_tiny_llama
 
 REPO = Path(__file__).parent.parent
 HOST = "127.0.0.1"
@@ -243,6 +244,36 @@ def test_tls_needs_credentials() -> None:
         relay.WorkerRelay(None, ROOT, bytes(32), HOST, 1)
     with pytest.raises(ValueError, match="data_plane must be one of tls, plain"):
         relay.RootRelay(None, "10.0.0.2:1", bytes(32), WORKER, data_plane="clear")
+
+
+def test_llama_cpp_split_load_through_the_relays(
+    creds: Creds, worker: Worker, tmp_path: Path
+) -> None:
+    """llama.cpp's own client, its probe and reconnects included, through both relays."""
+    model = write_tiny_llama(tmp_path / "split.gguf", n_layer=4, n_embd=128, dtype="f32")
+
+    def generate(endpoint: str) -> list[str]:
+        client = [sys.executable, "-m", "tests.rpc_client", str(model), "--n-gpu-layers=4"]
+        done = subprocess.run(
+            [*client, "--endpoint", endpoint, "--split", "1", "--tokens=8"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            cwd=REPO,
+            env=CHILD_ENV,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"RPC0[{endpoint}] model buffer size" in done.stderr
+        return [line for line in done.stdout.splitlines() if line.startswith("token ")]
+
+    async def main() -> list[str]:
+        async with relays(creds, worker) as r:
+            return await in_thread(generate, r.root.local_endpoint)
+
+    relayed = run(main())
+    assert len(relayed) == 8
+    assert relayed == generate(f"{HOST}:{worker.port}")  # the same as straight to the worker
 
 
 # ---------------------------------------------------------------- the attacker
