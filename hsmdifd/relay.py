@@ -562,7 +562,7 @@ class RootRelay:
             if previous is not None and not previous.done.wait(timing.RELAY_LINGER):
                 previous.abort()
                 previous.done.wait(timing.RELAY_LINGER)
-            if self._closing:
+            if self._stopping():
                 local.sock.close()
                 return
             try:
@@ -585,6 +585,10 @@ class RootRelay:
             with self._lock:
                 self._live.discard(local)
             local.done.set()
+
+    def _stopping(self) -> bool:
+        with self._lock:
+            return self._closing
 
     async def close(self) -> None:
         """Stop listening and cut every connection, at once."""
