@@ -10,7 +10,9 @@ A `WorkerRelay` accepts one connection at a time, and only from the root holding
 the lease: a certificate of the cluster CA whose node id is the holder's, followed
 by the lease's 32-byte token as the first bytes. Anything else is closed without a
 byte of the RPC server's, and a connection arriving while one is spliced is closed
-at once rather than left in a backlog. Bytes are copied by a thread per direction
+at once rather than left in a backlog (unless the root already closed the live one:
+llama.cpp reconnects at once, and the newcomer is admitted, after the same checks,
+when the old one's teardown is done). Bytes are copied by a thread per direction
 (`recv_into`/`sendall`, 256 KiB buffers, the GIL released in the socket calls): no
 Python work per RPC message.
 

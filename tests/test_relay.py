@@ -562,6 +562,90 @@ def test_lease_relay_closes_when_the_worker_ends(creds: Creds, tmp_path: Path) -
     run(main())
 
 
+def test_a_new_lease_cuts_the_old_root_at_once(creds: Creds, tmp_path: Path) -> None:
+    """A root that was deposed (a new lease went to another) is cut off mid-connection."""
+
+    async def main() -> None:
+        leases = Leases(
+            HOST,
+            tmp_path / "cache",
+            1,
+            lambda epoch: None,
+            credentials=creds.worker,
+            data_plane="tls",
+        )
+        old = pb.LeaseRequest(epoch=pb.Epoch(policy_version=1, root_id=ROOT, generation=1))
+        new = pb.LeaseRequest(epoch=pb.Epoch(policy_version=2, root_id=BYSTANDER, generation=2))
+        try:
+            lease = await leases.start(old, ROOT)
+            roots = await relay.open_root_relays(
+                creds.root, [(lease.endpoint, lease.token, WORKER)]
+            )
+            try:
+                host, local = roots.local_endpoints[0].split(":")
+                live = await in_thread(connect, (host, int(local)))
+                with live:
+                    assert (await in_thread(hello, live))[0] == 7
+                    await leases.start(new, BYSTANDER)
+                    assert await in_thread(lambda: live.recv(1)) == b""
+                with pytest.raises(ConnectionRefusedError):
+                    connect((HOST, int(lease.endpoint.split(":")[1])))
+            finally:
+                await roots.close()
+        finally:
+            await leases.close()
+
+    run(main())
+
+
+FROZEN_DAEMON = """
+import asyncio, sys
+from pathlib import Path
+from hsmdifd.leases import Leases
+from hsmdifd.proto import hsmdif_pb2 as pb
+
+async def main():
+    leases = Leases("127.0.0.1", Path(sys.argv[1]), 1, lambda epoch: None,
+                    keepalive_interval=0.2, dead_after=1.0)
+    epoch = pb.Epoch(policy_version=1, root_id="root", generation=1)
+    await leases.start(pb.LeaseRequest(epoch=epoch), "root")
+    print(leases._held.proc.pid, flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+def test_rpc_worker_of_a_frozen_daemon_exits(tmp_path: Path) -> None:
+    """The daemon holding a lease is SIGSTOPped: its rpc-worker stops serving within
+    dead_after, though the daemon still holds the pipe open."""
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", FROZEN_DAEMON, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+        env=CHILD_ENV,
+    )
+    child: psutil.Process | None = None
+    try:
+        assert daemon.stdout is not None
+        child = psutil.Process(int(daemon.stdout.readline()))
+        time.sleep(1.5)  # beats keep it going past dead_after
+        assert child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+
+        daemon.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        while child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() - stopped < 5, "the rpc-worker outlived its frozen daemon"
+            time.sleep(0.05)
+        assert time.monotonic() - stopped > 0.5
+    finally:
+        daemon.send_signal(signal.SIGCONT)
+        daemon.kill()
+        daemon.wait()
+        if child is not None and child.is_running():
+            child.kill()
+
+
 def test_lease_refuses_another_caller(creds: Creds, tmp_path: Path) -> None:
     leases = Leases(
         HOST, tmp_path, 1, lambda epoch: None, credentials=creds.worker, data_plane="tls"
