@@ -1,6 +1,6 @@
 """What the data-plane relay costs: bulk throughput, CPU per MB and round-trip latency.
 
-    python -m bench.relay [--mb 200] [--pings 2000]
+    python -m bench.relay [--mb 200] [--pings 2000] [--decode [--model GGUF] [--tokens 64]]
 
 On loopback, the same process runs a RootRelay and a WorkerRelay, as the root's and
 the worker's daemons each do for one lease; a child process plays llama.cpp on one
@@ -8,7 +8,11 @@ end and the rpc-worker on the other, so that the CPU this process uses is the tw
 relays' (TLS both ways, and the thread per direction on each side). It pushes
 `--mb` MB through tls, plain and no relay at all, and times `--pings` round trips of
 64 bytes (a decode step is a few dozen such round trips). The figures of "direct"
-are the child's own cost, for scale. Prints one line per path, and JSON last.
+are the child's own cost, for scale. With `--decode`, it also generates `--tokens`
+tokens with bench.llama_rpc, every layer on an rpc-worker, straight to the worker and
+through the TLS relays: tokens per second of each and the relays' CPU per token
+(the model: `--model`, or a small generated llama). Prints one line per figure, and
+JSON last.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from hsmdifd import relay, tls
+from hsmdifd import relay, rpc, tls
+from tests.tinymodel import write_tiny_llama
 
 MB = 1_000_000
 CHUNK = 256 * 1024
@@ -189,16 +195,110 @@ async def main_async(size: int, pings: int) -> dict[str, dict[str, float]]:
     return results
 
 
+class Timed:
+    """bench.llama_rpc with one endpoint: load every layer there, time generations."""
+
+    def __init__(self, model: Path, endpoint: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.llama_rpc", str(model), "--endpoint", endpoint],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+
+    def ask(self, line: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline()
+        if not reply:
+            raise RuntimeError(f"bench.llama_rpc ended on {line!r}")
+        answer: dict[str, Any] = json.loads(reply)
+        return answer
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+async def decode(
+    model: Path, tokens: int, port: int, creds: tuple[tls.DeviceCredentials, ...]
+) -> dict[str, dict[str, float]]:
+    """Time a decode straight to the rpc-worker on `port`, then through the relays."""
+    results: dict[str, dict[str, float]] = {}
+    for path in ("direct", "tls"):
+        token = secrets.token_bytes(relay.TOKEN_BYTES)
+        worker_relay = relay.WorkerRelay(creds[1], "root", token, "127.0.0.1", port)
+        await worker_relay.start()
+        roots = await relay.open_root_relays(creds[0], [(worker_relay.endpoint, token, "worker")])
+        endpoint = f"127.0.0.1:{port}" if path == "direct" else roots.local_endpoints[0]
+        timed = await asyncio.to_thread(Timed, model, endpoint)
+        try:
+            await asyncio.to_thread(timed.ask, "load 999 1")
+            await asyncio.to_thread(timed.ask, "gen 8")  # warm
+            cpu = _cpu()
+            reply = await asyncio.to_thread(timed.ask, f"gen {tokens}")
+            cpu = _cpu() - cpu
+        finally:
+            await asyncio.to_thread(timed.close)
+            await roots.close()
+            await worker_relay.close()
+        results[f"decode_{path}"] = {
+            "tokens_per_s": float(reply["tokens_per_s"]),
+            "relay_cpu_ms_per_token": cpu / int(reply["tokens"]) * 1000,
+        }
+    return results
+
+
+def run_decode(model: Path | None, tokens: int) -> dict[str, dict[str, float]]:
+    with tempfile.TemporaryDirectory() as scratch:
+        model = model or write_tiny_llama(
+            Path(scratch) / "decode.gguf", n_layer=8, n_embd=512, n_head=8, n_ff=1024
+        )
+        creds = (
+            tls.device_credentials(SECRET, "root", Path(scratch) / "root"),
+            tls.device_credentials(SECRET, "worker", Path(scratch) / "worker"),
+        )
+        port = rpc.free_port("127.0.0.1")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "hsmdifd.rpc_worker", f"--endpoint=127.0.0.1:{port}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert worker.stdout is not None and worker.stdout.readline().strip() == b"ready"
+            return asyncio.run(decode(model, tokens, port, creds))
+        finally:
+            assert worker.stdin is not None
+            worker.stdin.close()
+            worker.wait(10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="bench.relay")
     parser.add_argument("--mb", type=int, default=200, help="MB pushed through each path")
     parser.add_argument("--pings", type=int, default=2000, help="64-byte round trips")
+    parser.add_argument("--decode", action="store_true", help="also time a real decode")
+    parser.add_argument("--model", type=Path, help="GGUF for --decode")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens --decode generates")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child()
         return
     results = asyncio.run(main_async(args.mb * MB, args.pings))
+    decoded = run_decode(args.model, args.tokens) if args.decode else {}
+    for path, figures in decoded.items():
+        print(
+            f"{path}: {figures['tokens_per_s']:7.1f} tokens/s, "
+            f"{figures['relay_cpu_ms_per_token']:6.3f} ms relay CPU per token"
+        )
+    if decoded:
+        ratio = decoded["decode_tls"]["tokens_per_s"] / decoded["decode_direct"]["tokens_per_s"]
+        print(f"decode through the TLS relays / straight: {ratio:.3f}")
     for path, figures in results.items():
         print(
             f"{path:>6}: {figures['mb_per_s']:7.0f} MB/s, "
@@ -206,7 +306,7 @@ def main() -> None:
             f"round trip {figures['round_trip_us']:6.1f} us "
             f"({figures['relay_cpu_us_per_round_trip']:5.1f} us relay CPU)"
         )
-    print(json.dumps(results))
+    print(json.dumps({**results, **decoded}))
 
 
 if __name__ == "__main__":
