@@ -197,10 +197,6 @@ class _Splice:
         self._linger: threading.Timer | None = None
         self.done = threading.Event()
 
-    @property
-    def ending(self) -> bool:
-        return self._running < 2
-
     def start(self) -> None:
         for src, dst, arrow in ((self._a, self._b, "->"), (self._b, self._a, "<-")):
             threading.Thread(
@@ -281,8 +277,9 @@ class _Listener:
                 conn, peer = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # out of descriptors, say: drop it, keep listening
-                log.warning("accepting on port %d: %s", self.port, e)
+            except OSError as e:  # out of descriptors, say: pause rather than spin
+                log.warning("accepting on port %d: %s; pausing for a second", self.port, e)
+                self._pause()
                 return
             try:
                 conn.setblocking(True)
@@ -291,6 +288,15 @@ class _Listener:
             except Exception:
                 log.exception("a connection to port %d could not be handled", self.port)
                 conn.close()
+
+    def _pause(self) -> None:
+        if self._sock is not None and self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._loop.call_later(1.0, self._resume)
+
+    def _resume(self) -> None:
+        if self._sock is not None and self._loop is not None:
+            self._loop.add_reader(self._sock.fileno(), self._ready)
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
