@@ -5,13 +5,24 @@ child with it, when the root ends it, when the root is no longer live, or when
 the daemon stops. A lease is granted only to the root this device follows
 itself, under a policy at least as new as its own (fencing: a deposed root never
 drives a worker); a refusal is ABORTED, for the root to ask again once the views
-agree. The RPC port is open only while the lease lasts.
+agree.
+
+The rpc-worker listens on 127.0.0.1 only; the network reaches it through the
+lease's `WorkerRelay`, which admits the holding root alone (its certificate and
+the lease's token, returned in the `pb.Lease` reply over the authenticated peer
+channel), one connection at a time. The relay port is open only while the lease
+lasts: ending the lease closes the relay first, then ends the child. The child is
+sent a keepalive byte every heartbeat and exits when none came for `dead_after`
+seconds, so a frozen daemon's rpc-worker goes too; a child that ends closes its
+relay at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,21 +30,28 @@ from pathlib import Path
 
 import grpc
 
-from hsmdifd import election
+from hsmdifd import election, timing
 from hsmdifd.children import start_child, stop_child
 from hsmdifd.errors import RequestError
 from hsmdifd.proto import hsmdif_pb2 as pb
+from hsmdifd.relay import TOKEN_BYTES, WorkerRelay
 from hsmdifd.rpc import free_port
+from hsmdifd.tls import DeviceCredentials
 
 log = logging.getLogger(__name__)
+
+
+LOOPBACK = "127.0.0.1"
 
 
 @dataclass
 class _Held:
     lease_id: str
     holder: str  # the root's node id
-    endpoint: str
+    endpoint: str  # the relay's, on the cluster address
     proc: asyncio.subprocess.Process
+    relay: WorkerRelay
+    keepalive: asyncio.Task[None]
 
 
 class Leases:
@@ -43,9 +61,26 @@ class Leases:
         cache_dir: Path,
         threads: int,
         refusal: Callable[[election.Epoch], str | None],
+        *,
+        credentials: DeviceCredentials | None = None,
+        data_plane: str = "plain",
+        keepalive_interval: float = timing.HEARTBEAT_INTERVAL,
+        dead_after: float = timing.DEAD_AFTER,
     ) -> None:
-        """`refusal(epoch)` says why a lease asked under `epoch` is refused, or None."""
+        """`refusal(epoch)` says why a lease asked under `epoch` is refused, or None.
+
+        `host` is the cluster address relays listen on. `data_plane` is "tls" (needs
+        `credentials`; what the daemon passes by default) or "plain". The rpc-worker
+        gets a keepalive byte every `keepalive_interval` and exits after `dead_after`
+        seconds without one.
+        """
+        if data_plane == "tls" and credentials is None:
+            raise ValueError('data_plane = "tls" needs this device\'s TLS credentials')
         self._host = host
+        self._credentials = credentials
+        self._data_plane = data_plane
+        self._keepalive_interval = keepalive_interval
+        self._dead_after = dead_after
         self._refusal = refusal
         self._cache_dir = cache_dir
         self._threads = threads
@@ -68,25 +103,77 @@ class Leases:
             if reason := self._refusal(offered):
                 raise RequestError(grpc.StatusCode.ABORTED, reason)
             await self._end()
-            self._cache_dir.mkdir(parents=True, exist_ok=True)
-            port = free_port(self._host)
-            endpoint = f"{self._host}:{port}"
-            proc = await start_child(
-                "hsmdifd.rpc_worker",
-                "--endpoint",
-                endpoint,
-                "--cache-dir",
-                str(self._cache_dir),
-                "--threads",
-                str(request.threads or self._threads),
+            self._held = await self._start(caller, request.threads or self._threads)
+            log.info(
+                "lease %s for %s: relay on %s",
+                self._held.lease_id,
+                caller,
+                self._held.endpoint,
             )
-            if proc is None:
-                raise RequestError(
-                    grpc.StatusCode.UNAVAILABLE, f"the rpc-worker on {endpoint} did not start"
-                )
-            self._held = _Held(str(uuid.uuid4()), caller, endpoint, proc)
-            log.info("lease %s for %s: rpc-worker on %s", self._held.lease_id, caller, endpoint)
-            return pb.Lease(lease_id=self._held.lease_id, endpoint=endpoint)
+            return pb.Lease(
+                lease_id=self._held.lease_id,
+                endpoint=self._held.endpoint,
+                token=self._held.relay.token,
+            )
+
+    async def _start(self, caller: str, threads: int) -> _Held:
+        self._cache_dir.mkdir(parents=True, exist_ok=True)
+        port = free_port(LOOPBACK)
+        loopback = f"{LOOPBACK}:{port}"
+        proc = await start_child(
+            "hsmdifd.rpc_worker",
+            "--endpoint",
+            loopback,
+            "--cache-dir",
+            str(self._cache_dir),
+            "--threads",
+            str(threads),
+            "--keepalive",
+            str(self._dead_after),
+        )
+        if proc is None:
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE, f"the rpc-worker on {loopback} did not start"
+            )
+        relay = WorkerRelay(
+            self._credentials,
+            caller,
+            secrets.token_bytes(TOKEN_BYTES),
+            self._host,
+            port,
+            data_plane=self._data_plane,
+        )
+        try:
+            await relay.start()
+        except OSError as e:
+            await stop_child(proc)
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE, f"cannot listen for the relay on {self._host}: {e}"
+            ) from e
+        lease_id = str(uuid.uuid4())
+        keepalive = asyncio.create_task(self._keepalive(lease_id, proc, relay))
+        return _Held(lease_id, caller, relay.endpoint, proc, relay, keepalive)
+
+    async def _keepalive(
+        self, lease_id: str, proc: asyncio.subprocess.Process, relay: WorkerRelay
+    ) -> None:
+        """A byte to the rpc-worker every interval; closes the relay if the worker ends."""
+        assert proc.stdin is not None
+        try:
+            while proc.returncode is None:
+                proc.stdin.write(b".")
+                try:
+                    await asyncio.wait_for(proc.wait(), self._keepalive_interval)
+                except TimeoutError:
+                    continue
+        except (BrokenPipeError, ConnectionResetError):
+            await proc.wait()
+        log.warning(
+            "the rpc-worker of lease %s ended (status %s): its relay is closed",
+            lease_id,
+            proc.returncode,
+        )
+        await relay.close()
 
     async def end(self, lease_id: str) -> None:
         async with self._lock:
@@ -103,6 +190,10 @@ class Leases:
     async def _end(self) -> None:
         held, self._held = self._held, None
         if held is not None:
+            held.keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await held.keepalive
+            await held.relay.close()
             await stop_child(held.proc)
             log.info("lease %s ended; %s closed", held.lease_id, held.endpoint)
 

@@ -39,6 +39,10 @@ RPC_CONNECT_TIMEOUT = 5.0
 """Seconds to reach an RPC endpoint before registering it with llama.cpp."""
 RPC_LISTEN_TIMEOUT = 30.0
 """Seconds an rpc-worker gets to start listening."""
+RELAY_HANDSHAKE_TIMEOUT = 5.0
+"""Seconds a connection to a lease's relay gets to finish TLS and send its token."""
+RELAY_LINGER = 5.0
+"""Seconds a relayed connection, closed on one side, waits for the other side's close."""
 WATCHDOG_FRACTION = 0.5
 """WATCHDOG=1 is sent at this fraction of WATCHDOG_USEC."""
 

@@ -930,18 +930,22 @@ class Lease(_message.Message):
 
     LEASE_ID_FIELD_NUMBER: _builtins.int
     ENDPOINT_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     endpoint: _builtins.str
-    """host:port of the rpc-worker, open while the lease lasts"""
+    """host:port of the lease's relay, open while the lease lasts"""
+    token: _builtins.bytes
+    """the relay admits the root that sends it first (hsmdifd.relay)"""
     def __init__(
         self,
         *,
         lease_id: _builtins.str = ...,
         endpoint: _builtins.str = ...,
+        token: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "lease_id", b"lease_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "lease_id", b"lease_id", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
