@@ -11,13 +11,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 
-from hsmdifd import auth, election, planner, rpc_protocol, timing
+from hsmdifd import auth, election, planner, relay, rpc_protocol, timing, tls
 from hsmdifd.config import Config
 from hsmdifd.discovery import Discovery, Hint, encode_txt
 from hsmdifd.errors import RequestError
@@ -50,7 +49,8 @@ class Held:
     node_id: str
     name: str
     lease_id: str
-    endpoint: str
+    endpoint: str  # the worker's relay, as the person is shown it
+    local: str = ""  # what the engine connects to: this device's relay to `endpoint`
 
 
 class Cluster:
@@ -63,11 +63,10 @@ class Cluster:
         busy: Callable[[], bool],
         model: Callable[[], pb.ModelInfo],
         declared: dict[str, pb.DeviceProfile] | None = None,
-        channel_credentials: grpc.ChannelCredentials | None = None,
-        channel_options: Sequence[tuple[str, Any]] = (),
+        credentials: tls.DeviceCredentials | None = None,
     ) -> None:
-        self._channel_credentials = channel_credentials
-        self._channel_options = channel_options
+        self._tls = credentials
+        self._relays: dict[str, relay.RootRelays] = {}  # by lease id
         self._config = config
         self.identity = identity
         self._secret = secret
@@ -107,8 +106,8 @@ class Cluster:
             on_status=self.observe,
             heartbeat_interval=timing.heartbeat_interval,
             dead_after=timing.dead_after,
-            credentials=self._channel_credentials,
-            channel_extra=self._channel_options,
+            credentials=tls.channel_credentials(self._tls) if self._tls else None,
+            channel_extra=tls.CHANNEL_OPTIONS,
             unproven_timeout=timing.unproven_timeout,
         )
         for address in self._config.network.peers:
@@ -131,6 +130,9 @@ class Cluster:
             await self._discovery.start()
 
     async def stop(self) -> None:
+        for relays in self._relays.values():
+            await relays.close()
+        self._relays.clear()
         for task in self._background:
             task.cancel()
         if self._discovery is not None:
@@ -406,7 +408,19 @@ class Cluster:
                 raise RequestError(
                     code, f"{device.name} ({device.address}) gave no RPC endpoint: {reason}"
                 ) from e
-            held.append(Held(device.node_id, device.name, lease.lease_id, lease.endpoint))
+            try:
+                relays = await relay.open_root_relays(
+                    self._tls,
+                    [(lease.endpoint, lease.token, device.node_id)],
+                    self._config.cluster.data_plane,
+                )
+            except BaseException:
+                held.append(Held(device.node_id, device.name, lease.lease_id, lease.endpoint))
+                await self.release_leases(held)
+                raise
+            self._relays[lease.lease_id] = relays
+            (local,) = relays.local_endpoints
+            held.append(Held(device.node_id, device.name, lease.lease_id, lease.endpoint, local))
         return held
 
     async def _lease(self, device: planner.DeviceCapacity) -> pb.Lease:
@@ -445,6 +459,8 @@ class Cluster:
         live = self.live_ids()
         waits = []
         for lease in held:
+            if relays := self._relays.pop(lease.lease_id, None):
+                await relays.close()  # nothing here reaches that worker any more
             stub = self.membership.stub_for(lease.node_id) if self.membership else None
             if stub is None:
                 continue

@@ -183,7 +183,7 @@ class Models:
             yield pb.LoadEvent(progress=pb.LoadProgress(fraction=0.0, stage="leasing"))
             self._held = await self._cluster.acquire_leases(plan)
         endpoints = tuple(h.endpoint for h in self._held)
-        spec = LoadSpec(shape, plan.n_ctx, threads, plan, endpoints)
+        spec = LoadSpec(shape, plan.n_ctx, threads, plan, tuple(h.local for h in self._held))
         log.info(
             "loading %s (context %d, %d threads) on %s",
             shape.path,

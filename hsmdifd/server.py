@@ -173,8 +173,7 @@ class Daemon:
             busy=lambda: models.in_flight > 0,
             model=lambda: models.info,
             declared=declared,
-            channel_credentials=tls.channel_credentials(self._tls) if self._tls else None,
-            channel_options=tls.CHANNEL_OPTIONS,
+            credentials=self._tls,
         )
         models = self._models = Models(config, engine, cluster)
         cluster.set_device(await asyncio.to_thread(self.device_profile))
@@ -243,11 +242,16 @@ class Daemon:
         )
         assert self.cluster is not None
         host = self.identity.address.rsplit(":", 1)[0]
+        timing_config = self.config.timing
         self._leases = Leases(
             host,
             self.config.state_dir / "rpc-cache",
             self.config.threads,
             self.cluster.lease_refusal,
+            credentials=self._tls,
+            data_plane=self.config.cluster.data_plane,
+            keepalive_interval=timing_config.heartbeat_interval,
+            dead_after=timing_config.dead_after,
         )
         pb_grpc.add_PeerServicer_to_server(
             PeerService(self.cluster, self._models, self._leases, secret), server
