@@ -65,3 +65,8 @@ def is_utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def quoted(text: str, limit: int = ECHO_CHARS) -> str:
+    """`text` shortened and in quotes, for a message (undecodable bytes as \\xNN)."""
+    return f"'{shorten(text, limit)}'"
