@@ -146,7 +146,7 @@ def check_generate(
             f"(at most {limits.MAX_MESSAGES:,}); start a new one"
         )
     size = limits.utf8_size(request.prompt) + sum(
-        limits.utf8_size(m.content) + limits.utf8_size(m.role) for m in request.messages
+        limits.utf8_size(m.content) for m in request.messages
     )
     if size > max_prompt_bytes:
         raise RequestError(
