@@ -504,12 +504,15 @@ class _Cursor:
         unpack, buf, pos = _U64.unpack_from, self.buf, self.pos
         for first in range(0, count, _CHUNK):
             self.check_time()
-            start, prefixes = pos, list[int]()
+            start, prefixes, longest = pos, list[int](), 0
             append = prefixes.append
             try:
                 for _ in range(first, min(count, first + _CHUNK)):
                     append(pos)
-                    pos += 8 + unpack(buf, pos)[0]
+                    (n,) = unpack(buf, pos)
+                    if n > longest:  # noqa: PLR1730 - a call to max() costs more here
+                        longest = n
+                    pos += 8 + n
             except (struct.error, OverflowError):  # a length that runs past the end
                 pos = self.size + 1
             if pos > self.limit:
@@ -517,18 +520,29 @@ class _Cursor:
                 n = unpack(buf, last)[0] if last + 8 <= self.size else 0
                 self.need(8 + n, f"string {first + len(prefixes) - 1:,} of {_key(key)}")
             if check_utf8:
-                _check_utf8(buf, key, start=start, end=pos, prefixes=prefixes, first=first)
+                _check_utf8(
+                    buf, key, start=start, end=pos, prefixes=prefixes, first=first, longest=longest
+                )
         self.pos = pos
 
 
 def _check_utf8(
-    buf: mmap.mmap, key: bytes, *, start: int, end: int, prefixes: list[int], first: int
+    buf: mmap.mmap,
+    key: bytes,
+    *,
+    start: int,
+    end: int,
+    prefixes: list[int],
+    first: int,
+    longest: int,
 ) -> None:
     """Raise _BadText unless every string between `start` and `end` is UTF-8.
 
-    `prefixes` are where their 8-byte lengths are: overwritten with NULs (ASCII, which no
-    multi-byte sequence can span), the whole window is valid exactly when each string is.
-    A window over _UTF8_WINDOW bytes is checked string by string instead, without a copy.
+    `prefixes` are where their 8-byte lengths are. Lengths below 128 are ASCII bytes,
+    which no multi-byte sequence can span: the window as it is then is valid exactly
+    when each string is. Otherwise (or to find the culprit) the lengths are overwritten
+    with NULs first. A window over _UTF8_WINDOW bytes is checked string by string
+    instead, without a copy.
     """
     if end - start > _UTF8_WINDOW:
         for index, at in enumerate(prefixes):
@@ -539,6 +553,13 @@ def _check_utf8(
                 text = bytes(buf[at + 8 : at + 8 + min(n, 24)])
                 raise _BadText(key, first + index, text, e.start, e.reason) from None
         return
+    if longest < 0x80:
+        try:
+            buf[start:end].decode("utf-8")
+        except UnicodeDecodeError:
+            pass  # find which string, below
+        else:
+            return
     window = bytearray(buf[start:end])
     blank = bytes(8)
     for at in prefixes:
