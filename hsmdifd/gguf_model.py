@@ -35,6 +35,7 @@ keeps it: it is what llama.cpp reserves, and a batch asking for every row touche
 from __future__ import annotations
 
 import bisect
+import codecs
 import mmap
 import os
 import re
@@ -547,11 +548,9 @@ def _check_utf8(
     if end - start > _UTF8_WINDOW:
         for index, at in enumerate(prefixes):
             (n,) = _U64.unpack_from(buf, at)
-            try:
-                buf[at + 8 : at + 8 + n].decode("utf-8")
-            except UnicodeDecodeError as e:
+            if error := _utf8_error(buf, at + 8, n):
                 text = bytes(buf[at + 8 : at + 8 + min(n, 24)])
-                raise _BadText(key, first + index, text, e.start, e.reason) from None
+                raise _BadText(key, first + index, text, error.start, error.reason)
         return
     if longest < 0x80:
         try:
@@ -572,6 +571,19 @@ def _check_utf8(
         (n,) = _U64.unpack_from(buf, prefixes[index])
         text = bytes(buf[head : head + min(n, 24)])
         raise _BadText(key, first + index, text, start + e.start - head, e.reason) from None
+
+
+def _utf8_error(buf: mmap.mmap, start: int, n: int) -> UnicodeDecodeError | None:
+    """The error decoding `n` bytes at `start` as UTF-8, a window at a time (a long string
+    is never copied whole); its start is from `start`."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    for at in range(start, start + n, _UTF8_WINDOW):
+        chunk = buf[at : min(at + _UTF8_WINDOW, start + n)]
+        try:
+            decoder.decode(chunk, final=at + len(chunk) >= start + n)
+        except UnicodeDecodeError as e:
+            return UnicodeDecodeError("utf-8", b"", at - start + e.start, 0, e.reason)
+    return None
 
 
 class _BadText(Exception):
@@ -651,7 +663,7 @@ def _alignment(metadata: dict[bytes, _Value]) -> int:
 
 def _read_tensor_info(cur: _Cursor, index: int) -> _Tensor:
     s = cur.string(_MAX_STRING, f"the name of tensor {index:,}")
-    name = cur.text(s)
+    name = cur.text(_Str(s.start, min(s.length, _MAX_TENSOR_NAME + 1)))
     if s.length > _MAX_TENSOR_NAME:
         raise _Damaged(
             f"the name of tensor {index:,} ({shorten(name)!r}) is {s.length:,} bytes long "
