@@ -828,18 +828,18 @@ def _shape(p: Path, shown: str, size: int, header: _Header, buf: mmap.mmap) -> M
         raise meta.refuse(f"its {arch}.embedding_length is {n_embd} and {head_count} {n_head}")
     if n_head_kv == 0:
         raise meta.refuse(f"its {arch}.attention.head_count_kv is 0")
-    for il in range(n_layer):
-        if heads_kv[il] and heads[il] % heads_kv[il]:
-            raise meta.refuse(
-                f"its {head_count} ({heads[il]}) is not a multiple of "
-                f"{arch}.attention.head_count_kv ({heads_kv[il]}) in layer {il}"
-            )
     key_name, value_name = f"{arch}.attention.key_length", f"{arch}.attention.value_length"
     if (meta.get(key_name) is None or meta.get(value_name) is None) and n_embd % n_head:
         raise meta.refuse(
             f"its {arch}.embedding_length ({n_embd}) is not a multiple of {head_count} "
             f"({n_head}), and no {key_name} says how wide a head is"
         )
+    for il in range(n_layer):
+        if heads_kv[il] and heads[il] % heads_kv[il]:
+            raise meta.refuse(
+                f"its {head_count} ({heads[il]}) is not a multiple of "
+                f"{arch}.attention.head_count_kv ({heads_kv[il]}) in layer {il}"
+            )
     key_length = meta.u32(key_name, n_embd // n_head)
     value_length = meta.u32(value_name, n_embd // n_head)
     if key_length == 0 or value_length == 0:
