@@ -52,10 +52,10 @@ def whole_number(low: int, high: int) -> Callable[[str], int]:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{quoted(text)} is not a whole number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(
-                f"must be between {low:,} and {high:,} (got {shorten(text)})"
-            )
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low:,} (got {shorten(text)})")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:,} (got {shorten(text)})")
         return value
 
     return parse
@@ -553,7 +553,7 @@ def report_rpc_error(error: grpc.RpcError, path: Path) -> int:
     if code == grpc.StatusCode.CANCELLED and not details:
         details = "the request was cancelled (hsmdifd is stopping?)"
     print(f"hsmdifctl: {details or code.name}", file=sys.stderr)
-    return EXIT_USAGE if code == grpc.StatusCode.INVALID_ARGUMENT else EXIT_FAILED
+    return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -76,28 +76,29 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
+# Where hsmdifd's configuration names the group it gives its socket to.
+_GROUP_HINT = "[control] group in hsmdifd.toml, the hsmdif group by default"
+
+
 def _permission_sentence(path: Path) -> str:
-    """Name the group that would let this user in: the socket's own, from stat."""
+    """Name the group that would let this user in: the socket's own, from stat, since
+    hsmdifd gives its socket to the configured group; the default when it cannot be seen."""
     try:
         st = path.stat()
     except OSError:
-        parent = path.parent
-        try:
-            group = _group_name(parent.stat().st_gid)
-        except OSError:
-            return (
-                f"permission denied on {path}: its directory is closed to you; add yourself "
-                "to the group that owns the socket and its directory, then log in again"
-            )
         return (
-            f"permission denied on {path}: its directory {parent} is closed to you; add "
-            f"yourself to its group {group} (sudo usermod -aG {group} $USER, then log in again)"
+            f"permission denied on {path}: its directory is closed to you; add yourself to "
+            f"the group hsmdifd gives its socket to ({_GROUP_HINT}): "
+            "sudo usermod -aG GROUP $USER, then log in again"
         )
     group = _group_name(st.st_gid)
-    return (
-        f"permission denied on {path}: the socket belongs to the group {group}; add yourself "
-        f"to it (sudo usermod -aG {group} $USER, then log in again)"
+    sentence = (
+        f"permission denied on {path}: the socket belongs to the group {group}; add "
+        f"yourself to it (sudo usermod -aG {group} $USER, then log in again)"
     )
+    if group != "hsmdif":
+        sentence += f", or give hsmdifd another group ({_GROUP_HINT})"
+    return sentence
 
 
 def _not_a_socket(path: Path) -> str | None:
