@@ -795,7 +795,7 @@ def _shape(p: Path, shown: str, size: int, header: _Header, buf: mmap.mmap) -> M
     if not arch:
         raise ModelUnsupportedError(
             f"{shown} lacks the metadata key 'general.architecture'; it is not a llama.cpp "
-            "model file"
+            "model file: give the path to a .gguf model converted for llama.cpp"
         )
     if arch not in LLAMA_ARCHITECTURES:
         raise meta.refuse(
