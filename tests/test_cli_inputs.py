@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, MakeDaemon, slow_model
 
 # argv as the shell passes bytes that are not UTF-8: Python sees them as surrogates.
 NOT_UTF8 = os.fsdecode(b"\xff\xfe")
@@ -155,3 +155,29 @@ def test_a_frozen_daemon_is_reported_within_seconds(daemon: Daemon, tiny_model: 
     finally:
         os.kill(daemon.proc.pid, signal.SIGCONT)
     assert_prompt_works(daemon)
+
+
+def test_a_daemon_frozen_mid_answer_is_reported(make_daemon: MakeDaemon, short_dir: Path) -> None:
+    d = make_daemon(model=slow_model(short_dir))
+    d.start()
+    assert ctl(d, ["load"], None).returncode == 0
+    assert d.proc is not None
+    answer = d.ctl_popen(
+        "prompt", "once upon", "--raw", "--max-tokens", "2000", "--temperature", "0"
+    )
+    try:
+        assert answer.stdout is not None
+        assert answer.stdout.read(1)  # the answer has begun
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        _, err = answer.communicate(timeout=60)
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+        if answer.poll() is None:
+            answer.kill()
+            answer.wait()
+    assert answer.returncode == 3, err
+    assert "does not answer" in err
+    assert elapsed < 20
+    assert_prompt_works(d)
