@@ -192,3 +192,18 @@ def test_an_unexpected_error_is_internal_with_a_sentence(caplog: pytest.LogCaptu
         assert error.code() == grpc.StatusCode.INTERNAL
         assert "hsmdifd failed on this request (ValueError: " in (error.details() or "")
     assert caplog.text.count("Traceback") == 2  # once for Plan, once for Load
+
+
+def test_repeated_bad_requests_are_logged_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+
+    async def test(port: int) -> list[grpc.aio.AioRpcError]:
+        bad = pb.LoadRequest(threads=100_000).SerializeToString()
+        return [await _call_raw(port, "Load", bad) for _ in range(20)]
+
+    errors = asyncio.run(_serve(test))
+
+    assert {e.code() for e in errors} == {grpc.StatusCode.INVALID_ARGUMENT}
+    assert len([r for r in caplog.records if "load refused" in r.getMessage()]) == 1
