@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from hsmdifd import gguf_model
 from hsmdifd.gguf_model import (
     ModelDamagedError,
     ModelFileError,
@@ -281,3 +282,32 @@ def test_a_zero_filled_header_stops_at_the_first_repeat(tmp_path: Path) -> None:
         read_model_shape(path)
 
     assert "the tensor name '' appears twice" in str(info.value)
+
+
+def test_a_header_over_the_byte_budget_is_refused(
+    tiny: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gguf_model, "HEADER_BYTES", 4096)
+    monkeypatch.setattr(gguf_model, "HEADER_BYTES_PER_TOKEN", 0)
+    path = tmp_path / "model.gguf"
+    path.write_bytes(tiny)
+
+    with pytest.raises(ModelDamagedError) as info:
+        read_model_shape(path)
+
+    assert "has a header larger than hsmdifd reads (0 MiB plus 0 bytes per vocabulary" in str(
+        info.value
+    )
+
+
+def test_a_header_over_the_time_budget_is_refused(
+    tiny: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gguf_model, "HEADER_SECONDS", -1.0)
+    path = tmp_path / "model.gguf"
+    path.write_bytes(tiny)
+
+    with pytest.raises(ModelDamagedError) as info:
+        read_model_shape(path)
+
+    assert f"reading the header of {path} took more than -1 s" in str(info.value)
