@@ -74,8 +74,8 @@ demo: venv
 check: lint types unit
 
 lint: venv
-	$(VENV)/bin/ruff check hsmdifd hsmdifctl tests bench
-	$(VENV)/bin/ruff format --check hsmdifd hsmdifctl tests bench
+	$(VENV)/bin/ruff check hsmdif hsmdifd hsmdifctl tests bench
+	$(VENV)/bin/ruff format --check hsmdif hsmdifd hsmdifctl tests bench
 
 types: venv
 	$(VENV)/bin/mypy

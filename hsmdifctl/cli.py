@@ -6,18 +6,30 @@ Exit codes: 0 ok, 1 the command failed, 2 usage, 3 the daemon is unreachable.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import grpc
 
+from hsmdif import limits
+from hsmdif.limits import quoted, shorten
 from hsmdifctl import render
-from hsmdifctl.client import Unreachable, connect, probe, socket_path
+from hsmdifctl.client import (
+    Unreachable,
+    connect,
+    ping,
+    probe,
+    socket_path,
+    socket_path_problem,
+    unary,
+    watched,
+)
 from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
 
@@ -28,34 +40,50 @@ class CommandFailed(Exception):
     """The daemon refused or failed the request; the message is for the user."""
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
-    return value
+class UsageError(Exception):
+    """The command line asks for something no request can carry; exit 2 with the message."""
 
 
-def temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 5.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 5 (got {value:g})")
-    return value
+def whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{quoted(text)} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low:,} (got {shorten(text)})")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:,} (got {shorten(text)})")
+        return value
+
+    return parse
 
 
-def seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be between 0 and {2**32 - 1}")
-    return value
+def finite_number(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number from `low` to `high`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{quoted(text)} is not a number") from None
+        if not low <= value <= high:  # NaN compares false, infinities fall outside
+            raise argparse.ArgumentTypeError(
+                f"must be a number between {low:g} and {high:g} (got {shorten(text)})"
+            )
+        return value
+
+    return parse
+
+
+temperature = finite_number(limits.MIN_TEMPERATURE, limits.MAX_TEMPERATURE)
+seed = whole_number(0, limits.MAX_SEED)
+max_tokens = whole_number(1, limits.MAX_TOKENS)
+context_length = whole_number(limits.MIN_CONTEXT, limits.MAX_CONTEXT)
+threads = whole_number(1, limits.MAX_THREADS)
+num_parameters = finite_number(limits.MIN_PARAMETERS, limits.MAX_PARAMETERS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,19 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     load = sub.add_parser("load", parents=[common], help="load a model (default: the bundled one)")
     load.add_argument("model", nargs="?", default="", metavar="MODEL", help="path to a .gguf file")
-    load.add_argument("--max-seq-len", type=positive_int, default=0, metavar="N")
-    load.add_argument("--threads", type=positive_int, default=0, metavar="N")
+    load.add_argument("--max-seq-len", type=context_length, default=0, metavar="N")
+    load.add_argument("--threads", type=threads, default=0, metavar="N")
     load.add_argument("--strategy", choices=["capacity", "latency"], default="")
 
     plan = sub.add_parser(
         "plan", parents=[common], help="show how a model would be split, without loading it"
     )
     plan.add_argument("model", nargs="?", default="", metavar="MODEL", help="path to a .gguf file")
-    plan.add_argument("--max-seq-len", type=positive_int, default=0, metavar="N")
+    plan.add_argument("--max-seq-len", type=context_length, default=0, metavar="N")
     plan.add_argument("--strategy", choices=["capacity", "latency"], default="")
     plan.add_argument(
         "--num-parameters",
-        type=float,
+        type=num_parameters,
         default=0.0,
         metavar="N",
         help="plan a hypothetical model of N parameters (e.g. 30e9), no file needed",
@@ -118,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("unload", parents=[common], help="unload the model")
 
     def sampling(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--max-tokens", type=positive_int, default=0, metavar="N")
+        parser.add_argument("--max-tokens", type=max_tokens, default=0, metavar="N")
         parser.add_argument("--temperature", type=temperature, metavar="T")
         parser.add_argument("--seed", type=seed, metavar="S")
 
@@ -141,12 +169,21 @@ class Session:
 
     stub: pb_grpc.ControlStub
     json: bool
+    path: Path = field(default_factory=Path)
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
 
+    def call(self, method: Callable[..., Any], request: Any) -> Any:
+        """A unary call that gives up, with Unreachable, on a daemon that stops answering."""
+        return unary(method, request, self.stub, self.path)
+
+    def events(self, call: Any) -> Iterator[Any]:
+        """The events of a streaming call, watched in the same way."""
+        return watched(call, self.stub, self.path)
+
 
 def cmd_status(s: Session, args: argparse.Namespace) -> None:
-    reply = s.stub.Status(pb.StatusRequest())
+    reply = ping(s.stub, s.path)
     if s.json:
         render.print_json(render.status_dict(reply), s.out)
     else:
@@ -158,10 +195,10 @@ def cmd_devices(s: Session, args: argparse.Namespace) -> None:
         request = pb.SetPriorityRequest(
             devices=args.priority or [], by_memory=args.prioritize_by_memory
         )
-        policy = s.stub.SetPriority(request)
+        policy = s.call(s.stub.SetPriority, request)
         if not s.json:
             print(f"Policy version {policy.version}: {render.policy_text(policy)}", file=s.err)
-    reply = s.stub.Devices(pb.DevicesRequest(refresh_speed=args.refresh_speed))
+    reply = s.call(s.stub.Devices, pb.DevicesRequest(refresh_speed=args.refresh_speed))
     if s.json:
         render.print_json([render.device_dict(d) for d in reply.devices], s.out)
     else:
@@ -175,7 +212,7 @@ def cmd_load(s: Session, args: argparse.Namespace) -> None:
     )
     progress = render.Progress("Loading")
     try:
-        for event in s.stub.Load(request):
+        for event in s.events(s.stub.Load(request)):
             if event.HasField("progress"):
                 progress.update(event.progress.fraction, event.progress.stage)
             else:
@@ -197,17 +234,18 @@ def absolute(model: str) -> str:
 
 def cmd_plan(s: Session, args: argparse.Namespace) -> None:
     if bool(args.num_parameters) != bool(args.quantize):
-        raise CommandFailed("--num-parameters and --quantize go together")
+        raise UsageError("--num-parameters and --quantize go together")
     if args.num_parameters and args.model:
-        raise CommandFailed("give a MODEL file or --num-parameters, not both")
-    reply = s.stub.Plan(
+        raise UsageError("give a MODEL file or --num-parameters, not both")
+    reply = s.call(
+        s.stub.Plan,
         pb.PlanRequest(
             model_path=absolute(args.model),
             max_seq_len=args.max_seq_len,
             strategy=args.strategy,
             num_parameters=args.num_parameters,
             quantize=args.quantize,
-        )
+        ),
     )
     if s.json:
         render.print_json(render.plan_dict(reply), s.out)
@@ -216,7 +254,7 @@ def cmd_plan(s: Session, args: argparse.Namespace) -> None:
 
 
 def cmd_unload(s: Session, args: argparse.Namespace) -> None:
-    reply = s.stub.Unload(pb.UnloadRequest())
+    reply = s.call(s.stub.Unload, pb.UnloadRequest())
     if s.json:
         render.print_json({"unloaded": reply.was_loaded}, s.out)
     else:
@@ -246,7 +284,7 @@ def stream(
     first = 0.0
     call = s.stub.Generate(request)
     try:
-        for event in call:
+        for event in s.events(call):
             kind = event.WhichOneof("event")
             if kind == "text":
                 if not first:
@@ -277,8 +315,36 @@ def client_timings(
     return stats
 
 
+def prompt_problem(text: str, source: str) -> str | None:
+    """Why `text` cannot be sent as a prompt, or None."""
+    if not limits.is_utf8(text):
+        return (
+            f"the prompt {source} is not valid UTF-8 text ({quoted(text)}); give it as "
+            "UTF-8 (check the terminal's or the file's encoding)"
+        )
+    size = limits.utf8_size(text)
+    if size > limits.MAX_PROMPT_BYTES:
+        return (
+            f"the prompt is {size:,} bytes, more than hsmdifd takes "
+            f"({limits.MAX_PROMPT_BYTES:,} bytes); shorten it"
+        )
+    return None
+
+
+def read_stdin() -> str:
+    try:
+        return sys.stdin.read(limits.MAX_PROMPT_BYTES + 1)
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"the prompt on stdin is not valid UTF-8 text ({e.reason} at byte {e.start:,}); "
+            "give it as UTF-8"
+        ) from None
+
+
 def cmd_prompt(s: Session, args: argparse.Namespace) -> None:
-    text = sys.stdin.read() if args.text == "-" else args.text
+    text = read_stdin() if args.text == "-" else args.text
+    if problem := prompt_problem(text, "on stdin" if args.text == "-" else "given"):
+        raise UsageError(problem)
     if not text.strip():
         raise CommandFailed("the prompt is empty: give some text, or - to read it from stdin")
     if args.raw:
@@ -296,7 +362,7 @@ def cmd_prompt(s: Session, args: argparse.Namespace) -> None:
     stats = stream(s, with_sampling(request, args), show)
     if args.verbose and not s.json:
         s.out.write("\n")
-        print(render.allocation_text(s.stub.Status(pb.StatusRequest()).model.plan), file=s.err)
+        print(render.allocation_text(ping(s.stub, s.path).model.plan), file=s.err)
     if s.json:
         render.print_json({"text": "".join(pieces), **render.stats_dict(stats)}, s.out)
     else:
@@ -327,10 +393,16 @@ def cmd_chat(s: Session, args: argparse.Namespace) -> None:
         except KeyboardInterrupt:
             s.out.write("\n")
             continue
+        except UnicodeDecodeError as e:
+            print(f"hsmdifctl: that line is not valid UTF-8 text ({e.reason})", file=s.err)
+            continue
         text = line.strip()
         if text in ("exit", "quit"):
             break
         if not text:
+            continue
+        if problem := prompt_problem(text, "typed"):
+            print(f"hsmdifctl: {problem}", file=s.err)
             continue
         history.append(pb.ChatMessage(role="user", content=text))
         pieces.clear()
@@ -382,10 +454,68 @@ def cluster_init(out: Path) -> int:
     return EXIT_OK
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, before connecting, what no request can carry: text that is not UTF-8
+    (argv holds raw bytes), paths and names beyond the daemon's bounds."""
+    model = getattr(args, "model", "")
+    if model:
+        if not limits.is_utf8(model):
+            raise UsageError(
+                f"the model path {quoted(model)} is not valid UTF-8, which hsmdifd's "
+                "requests cannot carry; rename the file (or a directory above it) in UTF-8"
+            )
+        if limits.utf8_size(model) > limits.MAX_PATH_BYTES:
+            raise UsageError(
+                f"the model path {quoted(model)} is {limits.utf8_size(model):,} bytes "
+                f"long, more than a path can be ({limits.MAX_PATH_BYTES:,} bytes)"
+            )
+    text = getattr(args, "text", "-")
+    if text != "-" and (problem := prompt_problem(text, "given")):
+        raise UsageError(problem)
+    devices = getattr(args, "priority", None) or []
+    if len(devices) > limits.MAX_DEVICES:
+        raise UsageError(
+            f"--priority names {len(devices):,} devices (at most {limits.MAX_DEVICES:,})"
+        )
+    for name in devices:
+        if not limits.is_utf8(name) or limits.utf8_size(name) > limits.MAX_NAME_BYTES:
+            raise UsageError(
+                f"the device {quoted(name)} is not a name hsmdifd can know: give a name, "
+                "address or node id from `hsmdifctl devices`"
+            )
+    if args.socket and (problem := socket_path_problem(Path(args.socket))):
+        raise UsageError(problem)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "cluster":
-        return cluster_init(args.out)
+    try:
+        if args.command == "cluster":
+            return cluster_init(args.out)
+        check_arguments(args)
+        return run(args)
+    except UsageError as e:
+        print(f"hsmdifctl: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader of stdout went away (| head): say nothing more, and keep the flush
+        # at exit from failing again (the recipe of Python's signal documentation).
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("\nhsmdifctl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # the last resort: a sentence, never a traceback
+        print(
+            f"hsmdifctl: unexpected error ({type(e).__name__}: {shorten(str(e), 200)}); "
+            "please report it",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+
+
+def run(args: argparse.Namespace) -> int:
     path: Path = socket_path(args.socket)
     try:
         channel, stub = connect(path)
@@ -394,13 +524,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNREACHABLE
     try:
         with channel:
-            COMMANDS[args.command](Session(stub=stub, json=bool(args.json)), args)
+            session = Session(stub=stub, json=bool(args.json), path=path)
+            if args.command != "status":
+                ping(stub, path)  # a daemon that accepts but does not answer is found now
+            COMMANDS[args.command](session, args)
+    except Unreachable as e:
+        print(f"hsmdifctl: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except CommandFailed as e:
         print(f"hsmdifctl: {e}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("\nhsmdifctl: interrupted", file=sys.stderr)
-        return 130
     except grpc.RpcError as e:
         return report_rpc_error(e, path)
     return EXIT_OK

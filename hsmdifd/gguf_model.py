@@ -34,16 +34,22 @@ keeps it: it is what llama.cpp reserves, and a batch asking for every row touche
 
 from __future__ import annotations
 
+import bisect
+import codecs
 import mmap
 import os
 import re
 import stat
 import struct
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from hsmdif.limits import shorten
 
 MIB = 1 << 20
 
@@ -70,10 +76,54 @@ REPACKED_TYPES = frozenset(
     {GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_K, GGMLQuantizationType.IQ4_NL}
 )
 
+# The header reader's budget. Every count, length and offset in a header is checked
+# against the bytes the file has left before anything is read or allocated for it, and
+# against these bounds, so a damaged or hostile file is refused in milliseconds with a
+# few MiB of memory. Gemma 3 270M's header (262,144 tokens) is 4.3 MiB, read in 40 ms.
+#
+# Bytes of header (metadata and tensor descriptions) read at most: 64 MiB, plus 256 bytes
+# for each token of the vocabulary (tokenizer.ggml.tokens), which with its scores, types
+# and merges is most of a large header.
+HEADER_BYTES = 64 * MIB
+HEADER_BYTES_PER_TOKEN = 256
+# Seconds a header may take to read, checked between entries: a file on a stalled or
+# very slow disk is refused rather than holding the model lock.
+HEADER_SECONDS = 5.0
+# Counts beyond any real model (the largest have a few thousand tensors, a hundred keys
+# and 262,144 tokens); each bounds the time spent on one header.
+MAX_TENSORS = 1 << 16
+MAX_KEYS = 1 << 14
+MAX_VOCAB = 1 << 22
+# llama.cpp's own bounds: LLAMA_MAX_LAYERS, GGML_MAX_NAME - 1, GGML_MAX_DIMS.
+MAX_LAYERS = 512
+_MAX_TENSOR_NAME = 63
+_MAX_DIMS = 4
+
+# The architectures the llama.cpp built into llama-cpp-python 0.3.36 knows (LLM_ARCH_NAMES
+# in src/llama-arch.cpp); it refuses any other with "unknown model architecture".
+_ARCHITECTURE_NAMES = """
+    llama llama4 deci falcon grok gpt2 gptj gptneox mpt baichuan starcoder refact bert
+    modern-bert nomic-bert nomic-bert-moe neo-bert jina-bert-v2 jina-bert-v3 eurobert bloom
+    stablelm qwen qwen2 qwen2moe qwen2vl qwen3 qwen3moe qwen3next qwen3vl qwen3vlmoe qwen35
+    qwen35moe qwen4exp phi2 phi3 phimoe plamo plamo2 plamo3 codeshell orion internlm2 minicpm
+    minicpm3 gemma gemma2 gemma3 gemma3n gemma4 gemma4-assistant gemma-embedding starcoder2
+    mamba mamba2 maple jamba falcon-h1 xverse command-r cohere2 cohere2moe dbrx olmo olmo2
+    olmoe muse-glimmer openelm arctic deepseek deepseek2 deepseek2-ocr deepseek32 deepseek4
+    chatglm glm4 glm4moe glm-dsa bitnet t5 t5encoder jais jais2 nemotron nemotron_h
+    nemotron_h_moe exaone exaone4 exaone-moe rwkv6 rwkv6qwen2 rwkv7 arwkv7 granite granitemoe
+    granitehybrid graniteswitch granite_swa chameleon wavtokenizer-dec plm bailingmoe
+    bailingmoe2 bailingmoe3 dots1 dots3note arcee afmoe laguna ernie4_5 ernie4_5-moe
+    hunyuan-moe hunyuan-dense hunyuan_vl hy_v3 hy_v4 smollm3 gpt-oss lfm2 lfm2moe dream
+    smallthinker llada llada-moe seed_oss grovemoe apertus minimax-01 hrm_text minimax-m2
+    minimax-m3 cogvlm rnd1 pangu-embedded mistral3 eagle3 dflash mistral4 paddleocr mimo2
+    step35 spark2_5 llama-embed maincoder kimi-linear kimi-k3 glm5-next talkie mellum
+    nanbeige qwen3tts pockettts
+"""
+LLAMA_ARCHITECTURES = frozenset(_ARCHITECTURE_NAMES.split())
+
 _GGUF_MAGIC = b"GGUF"
 _SUPPORTED_VERSIONS = (2, 3)
 _DEFAULT_ALIGNMENT = 32
-_MAX_DIMS = 4
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -90,10 +140,22 @@ _SCALARS = {
     GGUFValueType.INT64: struct.Struct("<q"),
     GGUFValueType.FLOAT64: struct.Struct("<d"),
 }
-# Longer strings (keys, tensor names, chat templates are all far shorter) mean a damaged header.
+# The smallest a metadata entry can be (key length, a 1-byte key, type, a 1-byte value)
+# and a tensor description (name length, type, offset, with no name and no dimensions).
+_MIN_KEY_BYTES = 8 + 1 + 4 + 1
+_MIN_TENSOR_BYTES = 8 + 4 + 4 + 8
+# Metadata keys are names like "llama.block_count"; strings (chat templates, the
+# Hugging Face tokenizer JSON some converters embed) stay below 16 MiB.
+_MAX_KEY = 1024
 _MAX_STRING = 16 * MIB
-# Numeric arrays up to this length are kept (per-layer head counts); longer ones are skipped.
-_KEPT_ARRAY_LENGTH = 4096
+# String values kept for the shape (others are only skipped), and their longest kept form.
+_KEPT_STRING = 1 * MIB
+# Arrays of strings whose every entry llama.cpp decodes as UTF-8 (it aborts the process
+# on an invalid one rather than refusing the file).
+_UTF8_ARRAYS = frozenset({b"tokenizer.ggml.tokens", b"tokenizer.ggml.merges"})
+# Entries skipped between two looks at the clock.
+_CHUNK = 1 << 12
+_UTF8_WINDOW = 4 * MIB
 
 
 class ModelFileError(Exception):
@@ -105,6 +167,18 @@ class ModelFileError(Exception):
 
 class ModelNotFoundError(ModelFileError):
     """The model file does not exist."""
+
+
+class ModelUnreadableError(ModelFileError):
+    """The path names something that cannot be read as a file (permissions, a directory)."""
+
+
+class ModelDamagedError(ModelFileError):
+    """The file is not a well-formed GGUF file: truncated, corrupt, or over the budget."""
+
+
+class ModelUnsupportedError(ModelFileError):
+    """A well-formed GGUF file that llama.cpp would refuse (or abort on) when loading."""
 
 
 @dataclass(frozen=True)
@@ -216,114 +290,168 @@ def _compute_bytes(
 
 
 def read_model_shape(path: str | os.PathLike[str]) -> ModelShape:
-    """Read the header of the GGUF file at `path` (no tensor data).
+    """Read the header of the GGUF file at `path` (no tensor data), within the budget above.
 
-    Raises ModelFileError (ModelNotFoundError when it is missing) if the file is unusable.
+    Raises a ModelFileError (ModelNotFoundError when it is missing) if the file is one
+    llama.cpp could not load, with a sentence saying what is wrong and what to do.
     """
     p = Path(path)
     size = _regular_file_size(p)
+    shown = shorten(str(p), 200)
     try:
         with p.open("rb") as f:
             if f.read(4) != _GGUF_MAGIC:
-                raise ModelFileError(
-                    f"{p} is not a GGUF model file (it does not start with the GGUF magic); "
-                    "give the path to a .gguf model file"
+                raise ModelDamagedError(
+                    f"{shown} is not a GGUF model file (it does not start with the GGUF "
+                    "magic); give the path to a .gguf model file"
                 )
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                header = _parse(buf)
+                header = _parse(buf, time.monotonic() + HEADER_SECONDS)
+                return _shape(p, shown, len(buf), header, buf)
     except PermissionError:
-        raise ModelFileError(
-            f"permission denied reading {p}; make it readable by the user hsmdifd runs as"
+        raise ModelUnreadableError(
+            f"permission denied reading {shown}; make it readable by the user hsmdifd runs as"
         ) from None
     except OSError as e:
-        raise ModelFileError(f"cannot read {p}: {e.strerror or e}") from None
-    except _Truncated:
-        raise ModelFileError(
-            f"{p} is truncated or damaged: its header runs past the end of the file "
-            f"({size} bytes); download or copy it again"
+        raise ModelUnreadableError(f"cannot read {shown}: {e.strerror or e}") from None
+    except _Truncated as e:
+        raise ModelDamagedError(
+            f"{shown} is truncated or damaged: {e or 'its header runs past the end of the file'}"
+            f" ({size:,} bytes); download or copy it again"
         ) from None
     except _Damaged as e:
-        raise ModelFileError(f"{p} is damaged: {e}; download or copy it again") from None
-    except _UnsupportedVersion as e:
-        raise ModelFileError(
-            f"{p} is GGUF version {e}, which hsmdifd cannot read (it reads versions 2 and 3); "
-            "convert the model again with a current llama.cpp"
+        raise ModelDamagedError(f"{shown} is damaged: {e}; download or copy it again") from None
+    except _OverBudget:
+        raise ModelDamagedError(
+            f"{shown} has a header larger than hsmdifd reads ({HEADER_BYTES // MIB} MiB plus "
+            f"{HEADER_BYTES_PER_TOKEN} bytes per vocabulary token); it is damaged or not a "
+            "model llama.cpp can load"
         ) from None
-    return _shape(p, size, header)
+    except _TooSlow:
+        raise ModelDamagedError(
+            f"reading the header of {shown} took more than {HEADER_SECONDS:g} s; the file is "
+            "damaged, or on a disk too slow to load a model from"
+        ) from None
+    except _BadText as e:
+        raise ModelUnsupportedError(
+            f"{shown} cannot be loaded: {e}, and llama.cpp ends the whole process on such a "
+            "vocabulary rather than refusing it; the file is damaged or was converted wrongly: "
+            "download it again or convert the model again with a current llama.cpp"
+        ) from None
+    except _UnsupportedVersion as e:
+        raise ModelUnsupportedError(
+            f"{shown} is GGUF version {e}, which hsmdifd cannot read (it reads versions 2 "
+            "and 3); convert the model again with a current llama.cpp"
+        ) from None
 
 
 def _regular_file_size(p: Path) -> int:
+    shown = shorten(str(p), 200)
     try:
         st = p.stat()
     except FileNotFoundError:
         raise ModelNotFoundError(
-            f"model file not found: {p}; give the path to a .gguf file"
+            f"model file not found: {shown}; give the path to a .gguf file"
         ) from None
     except PermissionError:
-        raise ModelFileError(
-            f"permission denied reaching {p}; make it and its directories readable by "
+        raise ModelUnreadableError(
+            f"permission denied reaching {shown}; make it and its directories readable by "
             "the user hsmdifd runs as"
         ) from None
-    except OSError as e:
-        raise ModelFileError(f"cannot read {p}: {e.strerror or e}") from None
+    except (OSError, ValueError) as e:
+        raise ModelUnreadableError(f"cannot read {shown}: {getattr(e, 'strerror', e)}") from None
     if stat.S_ISDIR(st.st_mode):
-        raise ModelFileError(
-            f"{p} is a directory, not a model file; give the path to a .gguf file in it"
+        raise ModelUnreadableError(
+            f"{shown} is a directory, not a model file; give the path to a .gguf file in it"
         )
     if not stat.S_ISREG(st.st_mode):
-        raise ModelFileError(f"{p} is not a regular file; give the path to a .gguf file")
+        raise ModelUnreadableError(f"{shown} is not a regular file; give the path to a .gguf file")
     if st.st_size == 0:
-        raise ModelFileError(
-            f"{p} is empty (0 bytes), not a GGUF model file; download or copy it again"
+        raise ModelDamagedError(
+            f"{shown} is empty (0 bytes), not a GGUF model file; download or copy it again"
         )
     return st.st_size
 
 
 class _Truncated(Exception):
-    """The header runs past the end of the file."""
+    """The header runs past the end of the file; str() may say where."""
 
 
 class _Damaged(Exception):
     """The header holds what no valid GGUF file holds; str() says what."""
 
 
+class _OverBudget(Exception):
+    """The header is larger than the budget allows."""
+
+
+class _TooSlow(Exception):
+    """Reading the header took longer than the budget allows."""
+
+
 class _UnsupportedVersion(Exception):
     """A GGUF version this parser does not know; str() is the version."""
 
 
-class _Array(NamedTuple):
+class _Str(NamedTuple):
+    start: int
     length: int
-    items: tuple[int | float, ...]  # kept for short numeric arrays only
+
+
+class _Array(NamedTuple):
+    item_type: GGUFValueType
+    length: int
+    start: int  # of the first item
+
+
+class _Value(NamedTuple):
+    vtype: GGUFValueType
+    value: int | float | bool | _Str | _Array
 
 
 class _Tensor(NamedTuple):
     name: str
     qtype: GGMLQuantizationType
-    n_dims: int
+    dims: tuple[int, ...]  # ggml order: ne[0] first
     n_bytes: int
     offset: int  # from the start of the data section
 
 
 class _Header(NamedTuple):
-    metadata: dict[str, object]
+    metadata: dict[bytes, _Value]
     tensors: list[_Tensor]
     data_start: int
 
 
-class _Cursor:
-    """Reads little-endian GGUF values from a buffer, raising _Truncated at its end."""
+def _key(raw: bytes) -> str:
+    return repr(shorten(raw.decode("utf-8", "replace")))
 
-    def __init__(self, buf: mmap.mmap) -> None:
+
+class _Cursor:
+    """Reads little-endian GGUF values from a buffer, never past `limit` nor `deadline`."""
+
+    def __init__(self, buf: mmap.mmap, deadline: float) -> None:
         self.buf = buf
         self.size = len(buf)
+        self.limit = min(self.size, HEADER_BYTES)
+        self.deadline = deadline
         self.pos = 0
 
-    def scalar(self, fmt: struct.Struct) -> int | float:
-        end = self.pos + fmt.size
-        if end > self.size:
-            raise _Truncated
-        (value,) = fmt.unpack_from(self.buf, self.pos)
-        self.pos = end
+    def left(self) -> int:
+        return self.size - self.pos
+
+    def need(self, n: int, what: str = "") -> int:
+        """Step over `n` bytes; where they start."""
+        start = self.pos
+        if n > self.limit - start:
+            if n <= self.size - start:
+                raise _OverBudget
+            raise _Truncated(what and f"{what} needs {n:,} bytes but {self.left():,} are left")
+        self.pos = start + n
+        return start
+
+    def scalar(self, fmt: struct.Struct) -> int | float | bool:
+        (value,) = fmt.unpack_from(self.buf, self.need(fmt.size))
         return value  # type: ignore[no-any-return]
 
     def u32(self) -> int:
@@ -332,143 +460,433 @@ class _Cursor:
     def u64(self) -> int:
         return int(self.scalar(_U64))
 
-    def skip(self, n: int) -> None:
-        if self.pos + n > self.size:
-            raise _Truncated
-        self.pos += n
-
-    def string(self) -> str:
+    def string(self, longest: int, what: str) -> _Str:
         n = self.u64()
-        if n > _MAX_STRING:
-            raise _Damaged(f"it holds a string of {n} bytes")
-        start = self.pos
-        self.skip(n)
-        return self.buf[start : self.pos].decode("utf-8", errors="replace")
+        if n > longest:
+            if n > self.left():
+                raise _Truncated(f"{what} says it is {n:,} bytes long")
+            raise _Damaged(f"{what} is {n:,} bytes long (at most {longest:,})")
+        return _Str(self.need(n, what), n)
 
-    def value(self, raw_type: int) -> object:
-        vtype = _value_type(raw_type)
+    def text(self, s: _Str) -> str:
+        return self.buf[s.start : s.start + s.length].decode("utf-8", "replace")
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise _TooSlow
+
+    def value(self, key: bytes, raw_type: int) -> _Value:
+        vtype = _value_type(raw_type, key)
         if vtype in _SCALARS:
-            return self.scalar(_SCALARS[vtype])
+            return _Value(vtype, self.scalar(_SCALARS[vtype]))
         if vtype == GGUFValueType.STRING:
-            return self.string()
-        item_type, length = _value_type(self.u32()), self.u64()
-        fmt = _SCALARS.get(item_type)
-        if fmt is not None:
-            start = self.pos
-            self.skip(length * fmt.size)
-            if length > _KEPT_ARRAY_LENGTH:
-                return _Array(length, ())
-            items = tuple(item for (item,) in fmt.iter_unpack(self.buf[start : self.pos]))
-            return _Array(length, items)
+            return _Value(vtype, self.string(_MAX_STRING, f"the value of {_key(key)}"))
+        item_type = _value_type(self.u32(), key)
+        length = self.u64()
+        what = f"the array {_key(key)} of {length:,} items"
+        if item_type == GGUFValueType.ARRAY:
+            raise _Damaged(f"{_key(key)} is an array of arrays, which GGUF does not allow")
         if item_type == GGUFValueType.STRING:
-            self._skip_strings(length)
-        else:
-            for _ in range(length):
-                self.value(item_type)
-        return _Array(length, ())
+            if length > self.left() // 8:
+                raise _Truncated(f"{what} needs at least {8 * length:,} bytes")
+            if length > MAX_VOCAB:
+                raise _Damaged(f"{what} is longer than hsmdifd reads ({MAX_VOCAB:,} strings)")
+            if key == b"tokenizer.ggml.tokens":
+                self.limit = min(self.size, HEADER_BYTES + HEADER_BYTES_PER_TOKEN * length)
+            start = self.pos
+            self._skip_strings(key, length, key in _UTF8_ARRAYS)
+            return _Value(vtype, _Array(item_type, length, start))
+        fmt = _SCALARS[item_type]
+        return _Value(vtype, _Array(item_type, length, self.need(length * fmt.size, what)))
 
-    def _skip_strings(self, count: int) -> None:
-        # The hot loop of a 262k-token vocabulary: kept to one unpack per string.
+    def _skip_strings(self, key: bytes, count: int, check_utf8: bool) -> None:
+        # The hot loop of a 262k-token vocabulary: one unpack per string; the clock, the
+        # bounds and the UTF-8 of the strings checked once per chunk.
         unpack, buf, pos = _U64.unpack_from, self.buf, self.pos
-        try:
-            for _ in range(count):
-                pos += 8 + unpack(buf, pos)[0]
-        except struct.error:
-            raise _Truncated from None
-        if pos > self.size:
-            raise _Truncated
+        for first in range(0, count, _CHUNK):
+            self.check_time()
+            start, prefixes, longest = pos, list[int](), 0
+            append = prefixes.append
+            try:
+                for _ in range(first, min(count, first + _CHUNK)):
+                    append(pos)
+                    (n,) = unpack(buf, pos)
+                    if n > longest:  # noqa: PLR1730 - a call to max() costs more here
+                        longest = n
+                    pos += 8 + n
+            except (struct.error, OverflowError):  # a length that runs past the end
+                pos = self.size + 1
+            if pos > self.limit:
+                self.pos = last = prefixes[-1]
+                n = unpack(buf, last)[0] if last + 8 <= self.size else 0
+                self.need(8 + n, f"string {first + len(prefixes) - 1:,} of {_key(key)}")
+            if check_utf8:
+                _check_utf8(
+                    buf, key, start=start, end=pos, prefixes=prefixes, first=first, longest=longest
+                )
         self.pos = pos
 
 
-def _value_type(raw: int) -> GGUFValueType:
+def _check_utf8(
+    buf: mmap.mmap,
+    key: bytes,
+    *,
+    start: int,
+    end: int,
+    prefixes: list[int],
+    first: int,
+    longest: int,
+) -> None:
+    """Raise _BadText unless every string between `start` and `end` is UTF-8.
+
+    `prefixes` are where their 8-byte lengths are. Lengths below 128 are ASCII bytes,
+    which no multi-byte sequence can span: the window as it is then is valid exactly
+    when each string is. Otherwise (or to find the culprit) the lengths are overwritten
+    with NULs first. A window over _UTF8_WINDOW bytes is checked string by string
+    instead, without a copy.
+    """
+    if end - start > _UTF8_WINDOW:
+        for index, at in enumerate(prefixes):
+            (n,) = _U64.unpack_from(buf, at)
+            if error := _utf8_error(buf, at + 8, n):
+                text = bytes(buf[at + 8 : at + 8 + min(n, 24)])
+                raise _BadText(key, first + index, text, error.start, error.reason)
+        return
+    if longest < 0x80:
+        try:
+            buf[start:end].decode("utf-8")
+        except UnicodeDecodeError:
+            pass  # find which string, below
+        else:
+            return
+    window = bytearray(buf[start:end])
+    blank = bytes(8)
+    for at in prefixes:
+        window[at - start : at - start + 8] = blank
+    try:
+        window.decode("utf-8")
+    except UnicodeDecodeError as e:
+        index = bisect.bisect_right(prefixes, start + e.start) - 1
+        head = prefixes[index] + 8
+        (n,) = _U64.unpack_from(buf, prefixes[index])
+        text = bytes(buf[head : head + min(n, 24)])
+        raise _BadText(key, first + index, text, start + e.start - head, e.reason) from None
+
+
+def _utf8_error(buf: mmap.mmap, start: int, n: int) -> UnicodeDecodeError | None:
+    """The error decoding `n` bytes at `start` as UTF-8, a window at a time (a long string
+    is never copied whole); its start is from `start`."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    for at in range(start, start + n, _UTF8_WINDOW):
+        chunk = buf[at : min(at + _UTF8_WINDOW, start + n)]
+        try:
+            decoder.decode(chunk, final=at + len(chunk) >= start + n)
+        except UnicodeDecodeError as e:
+            return UnicodeDecodeError("utf-8", b"", at - start + e.start, 0, e.reason)
+    return None
+
+
+class _BadText(Exception):
+    """A vocabulary entry that is not UTF-8."""
+
+    def __init__(self, key: bytes, index: int, head: bytes, at: int, reason: str) -> None:
+        super().__init__(
+            f"entry {index:,} of {_key(key)} is not valid UTF-8 ({reason} at byte {at} of "
+            f"{head!r}…)"
+        )
+
+
+def _value_type(raw: int, key: bytes) -> GGUFValueType:
     try:
         return GGUFValueType(raw)
     except ValueError:
-        raise _Damaged(f"a metadata value has the unknown type {raw}") from None
+        raise _Damaged(f"the metadata value {_key(key)} has the unknown type {raw:,}") from None
 
 
-def _parse(buf: mmap.mmap) -> _Header:
-    cur = _Cursor(buf)
+def _parse(buf: mmap.mmap, deadline: float) -> _Header:
+    cur = _Cursor(buf, deadline)
     cur.pos = len(_GGUF_MAGIC)
-    try:
-        version = cur.u32()
-        if version not in _SUPPORTED_VERSIONS:
-            raise _UnsupportedVersion(version)
-        n_tensors, n_kv = cur.u64(), cur.u64()
-        metadata: dict[str, object] = {}
-        for _ in range(n_kv):
-            key = cur.string()
-            metadata[key] = cur.value(cur.u32())
-        tensors = [_read_tensor_info(cur) for _ in range(n_tensors)]
-    except RecursionError:
-        raise _Damaged("its metadata nests arrays without end") from None
-    except (ValueError, OverflowError, struct.error) as e:
-        raise _Damaged(str(e)) from None
-    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise _Damaged(f"general.alignment is {alignment!r}, not a power of two")
+    version = cur.u32()
+    if version not in _SUPPORTED_VERSIONS:
+        raise _UnsupportedVersion(version)
+    n_tensors, n_kv = cur.u64(), cur.u64()
+    least = n_tensors * _MIN_TENSOR_BYTES + n_kv * _MIN_KEY_BYTES
+    if least > cur.left():
+        raise _Truncated(
+            f"its header says it holds {n_tensors:,} tensors and {n_kv:,} metadata keys, "
+            f"which take at least {least:,} bytes, but {cur.left():,} bytes follow"
+        )
+    if n_tensors > MAX_TENSORS or n_kv > MAX_KEYS:
+        raise _Damaged(
+            f"its header says it holds {n_tensors:,} tensors and {n_kv:,} metadata keys "
+            f"(hsmdifd reads at most {MAX_TENSORS:,} and {MAX_KEYS:,})"
+        )
+    metadata: dict[bytes, _Value] = {}
+    for i in range(n_kv):
+        cur.check_time()
+        s = cur.string(_MAX_KEY, f"metadata key {i:,}")
+        if s.length == 0:
+            raise _Damaged(f"metadata key {i:,} is empty")
+        key = bytes(buf[s.start : s.start + s.length])
+        if key in metadata:
+            raise _Damaged(f"the metadata key {_key(key)} appears twice")
+        metadata[key] = cur.value(key, cur.u32())
+    alignment = _alignment(metadata)
+
+    tensors: list[_Tensor] = []
+    names: set[str] = set()
+    for i in range(n_tensors):
+        cur.check_time()
+        tensor = _read_tensor_info(cur, i)
+        if tensor.name in names:
+            raise _Damaged(f"the tensor name {tensor.name!r} appears twice")
+        names.add(tensor.name)
+        tensors.append(tensor)
     data_start = -(-cur.pos // alignment) * alignment
+    if tensors and data_start > cur.size:
+        raise _Truncated("its data section starts past the end of the file")
+    _check_layout(tensors, alignment)
     return _Header(metadata, tensors, data_start)
 
 
-def _read_tensor_info(cur: _Cursor) -> _Tensor:
-    name = cur.string()
+def _alignment(metadata: dict[bytes, _Value]) -> int:
+    entry = metadata.get(b"general.alignment")
+    if entry is None:
+        return _DEFAULT_ALIGNMENT
+    if entry.vtype != GGUFValueType.UINT32:
+        raise _Damaged(f"general.alignment has the type {entry.vtype.name}, not UINT32")
+    value = int(entry.value)  # type: ignore[arg-type]
+    if value <= 0 or value & (value - 1):
+        raise _Damaged(f"general.alignment is {value:,}, not a power of two")
+    return value
+
+
+def _read_tensor_info(cur: _Cursor, index: int) -> _Tensor:
+    s = cur.string(_MAX_STRING, f"the name of tensor {index:,}")
+    name = cur.text(_Str(s.start, min(s.length, _MAX_TENSOR_NAME + 1)))
+    if s.length > _MAX_TENSOR_NAME:
+        raise _Damaged(
+            f"the name of tensor {index:,} ({shorten(name)!r}) is {s.length:,} bytes long "
+            f"(llama.cpp takes at most {_MAX_TENSOR_NAME})"
+        )
     n_dims = cur.u32()
     if n_dims > _MAX_DIMS:
-        raise _Damaged(f"tensor {name!r} has {n_dims} dimensions (at most {_MAX_DIMS})")
-    n_elements = 1
-    for _ in range(n_dims):
-        n_elements *= cur.u64()
+        raise _Damaged(f"tensor {name!r} has {n_dims:,} dimensions (at most {_MAX_DIMS})")
+    dims = tuple(cur.u64() for _ in range(n_dims))
     raw_type = cur.u32()
     offset = cur.u64()
+    if any(d >= 1 << 63 for d in dims):
+        raise _Damaged(f"tensor {name!r} has a negative dimension {dims}")
+    n_elements = 1
+    for d in dims:
+        n_elements *= d
+    if n_elements >= 1 << 63:
+        raise _Damaged(f"tensor {name!r} has the shape {dims}, whose size overflows")
     try:
         qtype = GGMLQuantizationType(raw_type)
-    except ValueError:
-        raise _Damaged(f"tensor {name!r} has the unknown type {raw_type}") from None
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
-    return _Tensor(name, qtype, n_dims, n_elements * type_size // block_size, offset)
+        block_size, type_size = GGML_QUANT_SIZES[qtype]
+    except (ValueError, KeyError):
+        raise _Damaged(f"tensor {name!r} has the unknown type {raw_type:,}") from None
+    if dims and dims[0] % block_size:
+        raise _Damaged(
+            f"tensor {name!r} of type {qtype.name} has rows of {dims[0]:,} values, not a "
+            f"multiple of its block size ({block_size})"
+        )
+    return _Tensor(name, qtype, dims, n_elements // block_size * type_size, offset)
 
 
-def _shape(p: Path, size: int, header: _Header) -> ModelShape:
-    meta, tensors = header.metadata, header.tensors
-    arch = meta.get("general.architecture")
-    if not isinstance(arch, str) or not arch:
-        raise ModelFileError(
-            f"{p} lacks the metadata key 'general.architecture'; it is not a llama.cpp model file"
+def _check_layout(tensors: list[_Tensor], alignment: int) -> None:
+    """llama.cpp reads the tensors back to back, in header order, each aligned."""
+    expected = 0
+    previous: _Tensor | None = None
+    for t in tensors:
+        if t.offset != expected:
+            if previous is not None and t.offset < expected:
+                raise _Damaged(
+                    f"tensor {t.name!r} starts at byte {t.offset:,} of the data section, "
+                    f"inside the tensor before it ({previous.name!r}, which ends at byte "
+                    f"{previous.offset + previous.n_bytes:,})"
+                )
+            raise _Damaged(
+                f"tensor {t.name!r} starts at byte {t.offset:,} of the data section, where "
+                f"llama.cpp expects byte {expected:,}"
+            )
+        expected += -(-t.n_bytes // alignment) * alignment
+        previous = t
+
+
+class _Meta:
+    """Typed reads of the metadata, each refusing what llama.cpp would refuse."""
+
+    def __init__(self, shown: str, metadata: dict[bytes, _Value], buf: mmap.mmap) -> None:
+        self.shown = shown
+        self.metadata = metadata
+        self.buf = buf
+
+    def refuse(self, what: str, todo: str = "") -> ModelUnsupportedError:
+        todo = todo or "convert the model again with a current llama.cpp, or choose another file"
+        return ModelUnsupportedError(
+            f"{self.shown} cannot be loaded: {what}, which llama.cpp refuses; {todo}"
         )
 
-    def get(key: str, default: int | None = None) -> int:
-        return _int_key(p, meta, key, default)
+    def get(self, key: str) -> _Value | None:
+        return self.metadata.get(key.encode())
 
-    n_layer = get(f"{arch}.block_count")
-    n_embd = get(f"{arch}.embedding_length")
-    n_head = get(f"{arch}.attention.head_count")
-    if min(n_layer, n_embd, n_head) <= 0:
-        raise ModelFileError(
-            f"{p} has {n_layer} layers, {n_embd} embedding width and {n_head} heads; "
-            "it is not a usable model file"
+    def missing(self, key: str) -> ModelUnsupportedError:
+        return ModelUnsupportedError(
+            f"{self.shown} lacks the metadata key {key!r}, which llama.cpp needs; it is not a "
+            "complete model file: convert the model again with a current llama.cpp"
         )
-    n_head_kv = get(f"{arch}.attention.head_count_kv", n_head)
-    key_length = get(f"{arch}.attention.key_length", n_embd // n_head)
-    value_length = get(f"{arch}.attention.value_length", n_embd // n_head)
+
+    def string(self, key: str) -> str | None:
+        entry = self.get(key)
+        if entry is None:
+            return None
+        if not isinstance(entry.value, _Str):
+            raise self.refuse(f"its {key} has the type {entry.vtype.name}, not a string")
+        if entry.value.length > _KEPT_STRING:
+            return None
+        return self.buf[entry.value.start : entry.value.start + entry.value.length].decode(
+            "utf-8", "replace"
+        )
+
+    def u32(self, key: str, default: int | None = None) -> int:
+        entry = self.get(key)
+        if entry is None:
+            if default is None:
+                raise self.missing(key)
+            return default
+        if entry.vtype != GGUFValueType.UINT32:
+            raise self.refuse(f"its {key} has the type {entry.vtype.name}, not UINT32")
+        return int(entry.value)  # type: ignore[arg-type]
+
+    def per_layer(self, key: str, n_layer: int, default: list[int] | None) -> list[int]:
+        """A value that is one UINT32, or an array with one entry per layer."""
+        entry = self.get(key)
+        if entry is None:
+            if default is None:
+                raise self.missing(key)
+            return list(default)
+        if not isinstance(entry.value, _Array):
+            return [self.u32(key)] * n_layer
+        array = entry.value
+        kinds = (GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.BOOL)
+        if array.item_type not in kinds:
+            raise self.refuse(f"its {key} is an array of {array.item_type.name}")
+        if array.length != n_layer:
+            raise self.refuse(f"its {key} has {array.length:,} entries for {n_layer} layers")
+        fmt = _SCALARS[array.item_type]
+        items = [
+            int(v)
+            for (v,) in fmt.iter_unpack(self.buf[array.start : array.start + n_layer * fmt.size])
+        ]
+        if min(items) < 0:
+            raise self.refuse(f"its {key} holds the negative value {min(items)}")
+        return items
+
+
+def _blocks(tensors: Iterable[_Tensor]) -> set[int]:
+    return {int(m.group(1)) for t in tensors if (m := _LAYER_TENSOR.match(t.name))}
+
+
+def _shape(p: Path, shown: str, size: int, header: _Header, buf: mmap.mmap) -> ModelShape:
+    meta, tensors = _Meta(shown, header.metadata, buf), header.tensors
+    arch = meta.string("general.architecture")
+    if not arch:
+        raise ModelUnsupportedError(
+            f"{shown} lacks the metadata key 'general.architecture'; it is not a llama.cpp "
+            "model file: give the path to a .gguf model converted for llama.cpp"
+        )
+    if arch not in LLAMA_ARCHITECTURES:
+        raise meta.refuse(
+            f"its architecture {shorten(arch)!r} is not one this llama.cpp knows (it knows "
+            f"{len(LLAMA_ARCHITECTURES)}, such as llama, gemma3, qwen3 and mistral3)",
+            "choose a model of a supported architecture",
+        )
+
+    block_count = f"{arch}.block_count"
+    n_layer = meta.u32(block_count)
+    if not 1 <= n_layer <= MAX_LAYERS:
+        raise meta.refuse(f"its {block_count} is {n_layer:,} (llama.cpp holds 1 to {MAX_LAYERS})")
+    blocks = _blocks(tensors)
+    if missing := [i for i in range(n_layer) if i not in blocks]:
+        raise meta.refuse(
+            f"its {block_count} is {n_layer:,} but it holds no tensors for block {missing[0]} "
+            f"(it holds tensors for {len(blocks)} blocks)"
+        )
+    if blocks and max(blocks) >= n_layer:
+        raise meta.refuse(
+            f"it holds tensors for block {max(blocks)}, past its {block_count} of {n_layer}"
+        )
+
+    n_embd = meta.u32(f"{arch}.embedding_length")
+    head_count = f"{arch}.attention.head_count"
+    heads = meta.per_layer(head_count, n_layer, None)
+    heads_kv = meta.per_layer(f"{arch}.attention.head_count_kv", n_layer, heads)
+    n_head, n_head_kv = max(heads), max(heads_kv)
+    if n_embd == 0 or n_head == 0:
+        raise meta.refuse(f"its {arch}.embedding_length is {n_embd} and {head_count} {n_head}")
+    if n_head_kv == 0:
+        raise meta.refuse(f"its {arch}.attention.head_count_kv is 0")
+    key_name, value_name = f"{arch}.attention.key_length", f"{arch}.attention.value_length"
+    if (meta.get(key_name) is None or meta.get(value_name) is None) and n_embd % n_head:
+        raise meta.refuse(
+            f"its {arch}.embedding_length ({n_embd}) is not a multiple of {head_count} "
+            f"({n_head}), and no {key_name} says how wide a head is"
+        )
+    for il in range(n_layer):
+        if heads_kv[il] and heads[il] % heads_kv[il]:
+            raise meta.refuse(
+                f"its {head_count} ({heads[il]}) is not a multiple of "
+                f"{arch}.attention.head_count_kv ({heads_kv[il]}) in layer {il}"
+            )
+    key_length = meta.u32(key_name, n_embd // n_head)
+    value_length = meta.u32(value_name, n_embd // n_head)
+    if key_length == 0 or value_length == 0:
+        raise meta.refuse(f"its heads are {key_length} wide ({key_name}, {value_name})")
+    n_ffs = meta.per_layer(f"{arch}.feed_forward_length", n_layer, [0] * n_layer)
 
     tokens = meta.get("tokenizer.ggml.tokens")
-    n_vocab = tokens.length if isinstance(tokens, _Array) else get(f"{arch}.vocab_size")
+    if tokens is not None:
+        if not isinstance(tokens.value, _Array) or tokens.value.item_type != GGUFValueType.STRING:
+            raise meta.refuse("its tokenizer.ggml.tokens is not an array of strings")
+        n_vocab = tokens.value.length
+    else:
+        n_vocab = meta.u32(f"{arch}.vocab_size")
+    if n_vocab == 0:
+        raise meta.refuse("its vocabulary is empty")
+
+    dims = {
+        "E": n_embd,
+        "V": n_vocab,
+        "K": key_length,
+    }
+    _check_tensors(
+        meta,
+        arch,
+        tensors=tensors,
+        n_layer=n_layer,
+        dims=dims,
+        heads=heads,
+        heads_kv=heads_kv,
+        n_ffs=n_ffs,
+        value_length=value_length,
+    )
 
     end_of_data = header.data_start + max((t.offset + t.n_bytes for t in tensors), default=0)
     if end_of_data > size:
-        raise ModelFileError(
-            f"{p} is truncated: its tensors need {end_of_data} bytes but the file has only "
+        raise ModelDamagedError(
+            f"{shown} is truncated: its tensors need {end_of_data} bytes but the file has only "
             f"{size}; download or copy it again"
         )
 
-    layer_bytes = [0] * n_layer
+    layer_bytes = [0] * n_layer  # n_layer is at most MAX_LAYERS, each block present
     nonrepeating = 0
     by_name: dict[str, int] = {}
     for t in tensors:
         by_name[t.name] = t.n_bytes
         match = _LAYER_TENSOR.match(t.name)
-        if match and int(match.group(1)) < n_layer:
+        if match:
             layer_bytes[int(match.group(1))] += t.n_bytes
         else:
             nonrepeating += t.n_bytes
@@ -476,42 +894,109 @@ def _shape(p: Path, size: int, header: _Header) -> ModelShape:
     repack_bytes = sum(
         t.n_bytes
         for t in tensors
-        if t.qtype in REPACKED_TYPES and t.n_dims == 2 and t.name != "token_embd.weight"
+        if t.qtype in REPACKED_TYPES and len(t.dims) == 2 and t.name != "token_embd.weight"
     )
 
-    name = meta.get("general.name")
-    template = meta.get("tokenizer.chat_template")
+    name = meta.string("general.name")
     return ModelShape(
         path=str(p),
         size_bytes=size,
         architecture=arch,
-        name=name if isinstance(name, str) and name else p.stem,
+        name=name if name else p.stem,
         n_layer=n_layer,
         n_vocab=n_vocab,
         n_embd=n_embd,
         n_head=n_head,
         n_head_kv=n_head_kv,
-        n_ctx_train=get(f"{arch}.context_length"),
+        n_ctx_train=meta.u32(f"{arch}.context_length"),
         layer_bytes=tuple(layer_bytes),
         nonrepeating_bytes=nonrepeating,
         output_bytes=output_bytes,
         kv_bytes_per_token_per_layer=2 * n_head_kv * (key_length + value_length),
-        sliding_window=get(f"{arch}.attention.sliding_window", 0),
-        chat_template=template if isinstance(template, str) else None,
-        n_ff=get(f"{arch}.feed_forward_length", 0),
+        sliding_window=meta.u32(f"{arch}.attention.sliding_window", 0),
+        chat_template=meta.string("tokenizer.chat_template"),
+        n_ff=max(n_ffs),
         key_length=key_length,
         value_length=value_length,
         repack_bytes=repack_bytes,
     )
 
 
-def _int_key(p: Path, meta: dict[str, object], key: str, default: int | None) -> int:
-    """An integer metadata value; per-layer arrays give their largest entry."""
-    value = meta.get(key, default)
-    if value is None:
-        raise ModelFileError(f"{p} lacks the metadata key {key!r}; it is not a complete model file")
-    if isinstance(value, _Array) and value.items:
-        value = max(value.items)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ModelFileError(f"{p} has a non-integer {key!r} ({value!r}); it is damaged")
-    return value
+# The tensors of architectures whose layout is checked, by name (in a layer: after
+# "blk.N."), as ggml shapes over E (embedding), V (vocabulary), K (head width), and per
+# layer Q (query width), KV (key width), VV (value width), O (attention output) and F
+# (feed-forward width); "?" marks an optional tensor.
+_LLAMA_LAYER = {
+    "attn_norm.weight": ("E",),
+    "attn_q.weight": ("E", "Q"),
+    "attn_k.weight": ("E", "KV"),
+    "attn_v.weight": ("E", "VV"),
+    "attn_output.weight": ("O", "E"),
+    "ffn_norm.weight": ("E",),
+    "ffn_gate.weight": ("E", "F"),
+    "ffn_up.weight": ("E", "F"),
+    "ffn_down.weight": ("F", "E"),
+}
+_GEMMA3_LAYER = {
+    **_LLAMA_LAYER,
+    "attn_q_norm.weight": ("K",),
+    "attn_k_norm.weight": ("K",),
+    "post_attention_norm.weight": ("E",),
+    "post_ffw_norm.weight": ("E",),
+}
+_GLOBAL = {
+    "token_embd.weight": ("E", "V"),
+    "output_norm.weight": ("E",),
+    "output.weight?": ("E", "V"),
+}
+_CHECKED = {"llama": _LLAMA_LAYER, "gemma3": _GEMMA3_LAYER}
+# A llama model with experts has these in place of ffn_gate, ffn_up and ffn_down.
+_LLAMA_DENSE_FFN = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+
+
+def _check_tensors(
+    meta: _Meta,
+    arch: str,
+    *,
+    tensors: list[_Tensor],
+    n_layer: int,
+    dims: dict[str, int],
+    heads: list[int],
+    heads_kv: list[int],
+    n_ffs: list[int],
+    value_length: int,
+) -> None:
+    """The tensors llama.cpp needs for `arch`, in the shapes its metadata implies."""
+    layer = _CHECKED.get(arch)
+    if layer is None:
+        return
+    by_name = {t.name: t.dims for t in tensors}
+    has_experts = any(".ffn_gate_inp." in name for name in by_name)
+
+    def check(name: str, symbols: tuple[str, ...], values: dict[str, int], optional: bool) -> None:
+        found = by_name.get(name)
+        if found is None:
+            if optional:
+                return
+            raise meta.refuse(f"it lacks the tensor {name!r}, which a {arch} model needs")
+        expected = tuple(values[s] for s in symbols)
+        if found != expected:
+            raise meta.refuse(
+                f"its tensor {name!r} has the shape {list(found)} where its metadata implies "
+                f"{list(expected)}"
+            )
+
+    for name, symbols in _GLOBAL.items():
+        check(name.rstrip("?"), symbols, dims, name.endswith("?"))
+    for il in range(n_layer):
+        values = {
+            **dims,
+            "Q": heads[il] * dims["K"],
+            "KV": heads_kv[il] * dims["K"],
+            "VV": heads_kv[il] * value_length,
+            "O": heads[il] * value_length,
+            "F": n_ffs[il],
+        }
+        for name, symbols in layer.items():
+            optional = has_experts and name in _LLAMA_DENSE_FFN
+            check(f"blk.{il}.{name}", symbols, values, optional)

@@ -22,7 +22,7 @@ from hsmdifd import notify, profile, rpc_protocol, timing, tls
 from hsmdifd.auth import AuthServerInterceptor, SecretError, load_secret
 from hsmdifd.cluster import Cluster
 from hsmdifd.config import Config, ConfigError, load_config, with_overrides
-from hsmdifd.control_service import ControlService
+from hsmdifd.control_service import ControlService, add_control_service
 from hsmdifd.devices_file import load_devices_file
 from hsmdifd.engine import Engine
 from hsmdifd.leases import Leases
@@ -180,7 +180,7 @@ class Daemon:
         if secret is not None:
             await self._serve_peers(secret)
         server = grpc.aio.server()
-        pb_grpc.add_ControlServicer_to_server(
+        add_control_service(
             ControlService(cluster, Router(cluster, models), self.device_profile), server
         )
         if server.add_insecure_port(f"unix:{path}") == 0:

@@ -1,0 +1,1 @@
+"""What hsmdifctl and hsmdifd share without either importing the other's internals."""
