@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import grpc
@@ -16,7 +17,7 @@ from hsmdifd import planner
 from hsmdifd.bundled import ensure_bundled_model
 from hsmdifd.cluster import Cluster, Held
 from hsmdifd.config import Config
-from hsmdifd.engine import Engine, LoadSpec
+from hsmdifd.engine import Engine, LoadSpec, check_prompt_size, finish, prompt_bytes
 from hsmdifd.errors import RequestError
 from hsmdifd.gguf_model import (
     ModelFileError,
@@ -25,6 +26,18 @@ from hsmdifd.gguf_model import (
     estimate_memory,
     read_model_shape,
 )
+from hsmdifd.lifecycle import (
+    Action,
+    Loaded,
+    Order,
+    Wanted,
+    after_change,
+    frozen_request,
+    load_order,
+    moves,
+    wanted_after,
+)
+from hsmdifd.profile import usable_cpus
 from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.rpc import parse_endpoint
 
@@ -77,7 +90,12 @@ def _strategy(name: str, default: str) -> planner.Strategy:
 
 
 class Models:
-    """Loads, unloads and runs models on the local engine, one request at a time."""
+    """Loads, unloads and runs models on the local engine, one request at a time.
+
+    State: `_wanted`, the person's choice, and `_loaded`, what serves it (see
+    lifecycle.py), plus the leases taken for a load in flight. Every change to them
+    runs to its end through `finish`, cancelled caller or not.
+    """
 
     def __init__(self, config: Config, engine: Engine, cluster: Cluster) -> None:
         self._config = config
@@ -86,20 +104,27 @@ class Models:
         self._lock = asyncio.Lock()
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_task: asyncio.Task[None] | None = None
-        self._held: list[Held] = []
-        self._last_request: pb.LoadRequest | None = None
-        self._reload = False  # the next prompt loads _last_request again
-        self._loaded: tuple[ModelShape, planner.Plan, tuple[int, int]] | None = None
+        self._wanted: Wanted | None = None
+        self._loaded: Loaded | None = None
+        self._placing: tuple[Held, ...] = ()  # leases taken for the load in flight
         self.in_flight = 0
 
     @property
     def info(self) -> pb.ModelInfo:
-        return self._engine.info
+        """The engine's status, with the plan of the model that serves."""
+        info = self._engine.info
+        loaded = self._loaded
+        if loaded is not None and info.state == pb.READY:
+            info.plan.CopyFrom(plan_to_pb(loaded.plan, loaded.shape.path, loaded.endpoints))
+        return info
 
     @property
-    def placed_on(self) -> set[str]:
-        """Node ids of the workers holding layers of the loaded model."""
-        return {h.node_id for h in self._held}
+    def loaded(self) -> Loaded | None:
+        return self._loaded
+
+    @property
+    def wanted(self) -> Wanted | None:
+        return self._wanted
 
     def reconfigure(self, config: Config) -> None:
         self._config = config
@@ -132,7 +157,7 @@ class Models:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"--max-seq-len {n_ctx} is too small: give at least 16 tokens",
             )
-        credit = {p.node_id: p.bytes for p in self._engine.info.plan.devices[1:]}
+        credit = self._loaded.credit if self._loaded else {}
         devices = self._cluster.capacities(extra_local, credit)
         if len(devices) == 1:
             estimate = estimate_memory(shape, n_ctx)
@@ -154,6 +179,20 @@ class Models:
         except planner.PlanError as e:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
 
+    def _threads(self, request: pb.LoadRequest) -> int:
+        """The thread count to load with; a count above what this device has is refused
+        (llama.cpp would load, then crash on every prompt)."""
+        if request.threads:
+            cpus = usable_cpus()
+            if request.threads > cpus:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"--threads {request.threads} is more than this device has: it may use "
+                    f"{cpus} CPUs (its CPU affinity and cgroup quota); give at most {cpus}",
+                )
+            return request.threads
+        return self._config.threads
+
     async def describe(self, request: pb.PlanRequest) -> pb.PlanReply:
         """The plan for a model, without loading anything."""
         if request.num_parameters or request.quantize:
@@ -166,104 +205,203 @@ class Models:
         plan = self.plan(shape, request.max_seq_len, request.strategy, self._engine.footprint())
         return plan_to_pb(plan, shape.path or shape.name)
 
-    async def load(self, request: pb.LoadRequest) -> AsyncIterator[pb.LoadEvent]:
+    async def load(self, request: pb.LoadRequest) -> AsyncGenerator[pb.LoadEvent, None]:
+        """The person's choice: load `request`, keeping what serves until it is ready."""
         yield pb.LoadEvent(progress=pb.LoadProgress(fraction=0.0, stage="checking"))
         async with self._lock:
-            async for event in self._load(request):
-                yield event
+            async with contextlib.aclosing(self._place(request, chosen=True)) as events:
+                async for event in events:
+                    yield event
             self._arm_idle_timer()
 
-    async def _load(self, request: pb.LoadRequest) -> AsyncIterator[pb.LoadEvent]:
-        shape = await self.shape(request.model_path)
-        plan = self.plan(shape, request.max_seq_len, request.strategy, self._engine.footprint())
-        threads = request.threads or self._config.threads
-        await self._unload()
-        self._last_request = request
-        if not plan.standalone:
-            yield pb.LoadEvent(progress=pb.LoadProgress(fraction=0.0, stage="leasing"))
-            self._held = await self._cluster.acquire_leases(plan)
-        endpoints = tuple(h.endpoint for h in self._held)
-        spec = LoadSpec(shape, plan.n_ctx, threads, plan, endpoints)
-        log.info(
-            "loading %s (context %d, %d threads) on %s",
-            shape.path,
-            plan.n_ctx,
-            threads,
-            ", ".join(f"{s.device.name}: {s.n_layers} layers" for s in plan.shares),
-        )
+    async def _place(
+        self,
+        request: pb.LoadRequest,
+        chosen: bool,
+        known: tuple[ModelShape, planner.Plan] | None = None,
+    ) -> AsyncGenerator[pb.LoadEvent, None]:
+        """Load `request` (`chosen`: the person's new choice; else what is wanted, again),
+        planned anew or placed as `known`; then say what is wanted from now on."""
         try:
-            async for event in self._engine.load(spec):
-                if event.HasField("loaded"):
-                    self._engine.info.plan.CopyFrom(plan_to_pb(plan, shape.path, endpoints))
-                    event.loaded.plan.CopyFrom(self._engine.info.plan)
-                yield event
+            async with contextlib.aclosing(self._place_once(request, known)) as events:
+                async for event in events:
+                    yield event
         except RequestError as e:
-            await self._release()
-            raise await self._name_lost_worker(e) from e
-        except BaseException:
-            await self._release()
+            self._after(request, chosen, e.code)
             raise
+        except Exception:
+            self._after(request, chosen, grpc.StatusCode.UNKNOWN)
+            raise
+        self._after(request, chosen, None)
+
+    def _after(
+        self, request: pb.LoadRequest, chosen: bool, failure: grpc.StatusCode | None
+    ) -> None:
+        serving = self._loaded.request if self._loaded else None
+        self._wanted = wanted_after(self._wanted, request, chosen, failure, serving)
+
+    async def _place_once(
+        self, request: pb.LoadRequest, known: tuple[ModelShape, planner.Plan] | None
+    ) -> AsyncGenerator[pb.LoadEvent, None]:
+        if self._loaded is not None and self._engine.state != pb.READY:
+            await self._unload()  # the engine died under it: its leases go too
+        threads = self._threads(request)
+        if known is None:
+            shape = await self.shape(request.model_path)
+            plan = self.plan(shape, request.max_seq_len, request.strategy, self._engine.footprint())
+        else:
+            shape, plan = known
+        old = self._loaded
+        free = {d.node_id: d.usable_bytes for d in self._cluster.capacities()}
+        order = load_order(old, plan, free)
+        if old is not None and order is Order.REPLACE:
+            log.info("unloading %s first: memory does not hold both", old.shape.path)
+            await self._unload()
+        try:
+            async with contextlib.aclosing(
+                self._start(request, shape, plan, threads, order)
+            ) as events:
+                async for event in events:
+                    yield event
+        except RequestError as e:
+            if old is None or order is Order.BESIDE:
+                raise  # nothing was lost: what served serves on
+            raise await self._restore(old, e) from e
+
+    async def _restore(self, old: Loaded, error: RequestError) -> RequestError:
+        """Load `old` again, where it was, after `error` ended what replaced it; the
+        error, saying what became of `old`."""
+        name = old.shape.path
+        try:
+            threads = self._threads(old.request)
+            async with contextlib.aclosing(
+                self._start(old.request, old.shape, old.plan, threads, Order.REPLACE)
+            ) as events:
+                async for _ in events:
+                    pass
+        except RequestError as again:
+            log.warning("loading %s again failed: %s", name, again)
+            return RequestError(
+                error.code,
+                f"{error}; {name} had been unloaded to make room (memory does not hold "
+                f"both) and could not be loaded again ({again}): the next prompt tries",
+            )
+        log.info("%s is loaded again", name)
+        return RequestError(
+            error.code,
+            f"{error}; {name} had been unloaded to make room (memory does not hold both) "
+            "and is loaded again",
+        )
+
+    async def _start(
+        self,
+        request: pb.LoadRequest,
+        shape: ModelShape,
+        plan: planner.Plan,
+        threads: int,
+        order: Order,
+    ) -> AsyncGenerator[pb.LoadEvent, None]:
+        """Lease the workers of `plan` and load it; `_loaded` says so once it serves."""
+        try:
+            if not plan.standalone:
+                yield pb.LoadEvent(progress=pb.LoadProgress(fraction=0.0, stage="leasing"))
+                await finish(self._lease(plan))
+            endpoints = tuple(h.endpoint for h in self._placing)
+            spec = LoadSpec(shape, plan.n_ctx, threads, plan, endpoints)
+            log.info(
+                "loading %s (context %d, %d threads) on %s",
+                shape.path,
+                plan.n_ctx,
+                threads,
+                ", ".join(f"{s.device.name}: {s.n_layers} layers" for s in plan.shares),
+            )
+            loads = self._engine.load(spec, keep=order is Order.BESIDE)
+            async with contextlib.aclosing(loads) as events:
+                async for event in events:
+                    if event.HasField("loaded"):
+                        await finish(self._serve(request, shape, plan))
+                        event.loaded.plan.CopyFrom(plan_to_pb(plan, shape.path, endpoints))
+                    yield event
+        except RequestError as e:
+            placing = self._placing
+            await finish(self._drop_placing())
+            raise await _name_lost_worker(e, placing) from e
+        except BaseException:
+            await finish(self._drop_placing())
+            raise
+        log.info("loaded %s in %.2f s", shape.path, self._engine.info.load_seconds)
+
+    async def _lease(self, plan: planner.Plan) -> None:
+        self._placing = tuple(await self._cluster.acquire_leases(plan))
+
+    async def _serve(self, request: pb.LoadRequest, shape: ModelShape, plan: planner.Plan) -> None:
+        """The engine serves the new model: it is the loaded one; the leases of the one
+        it replaced (loaded beside it) end."""
+        old = self._loaded
         epoch = self._cluster.epoch()
-        self._loaded = (shape, plan, (epoch.policy_version, epoch.generation))
-        log.info("loaded %s in %.2f s", shape.path, self.info.load_seconds)
+        self._loaded = Loaded(frozen_request(request), shape, plan, self._placing, epoch)
+        self._placing = ()
+        if old is not None:
+            await self._cluster.release_leases(list(old.leases))
 
-    async def _name_lost_worker(self, error: RequestError) -> RequestError:
-        """Add which RPC worker stopped answering, when one did."""
-        if error.code != grpc.StatusCode.ABORTED:
-            return error
-        plan = self._engine.info.plan
-        lost = [p for p in plan.devices if p.endpoint and not await _reachable(p.endpoint)]
-        if not lost:
-            return error
-        names = ", ".join(f"{p.name} ({p.endpoint})" for p in lost)
-        return RequestError(error.code, f"{error}; the RPC worker on {names} stopped answering")
+    async def _drop_placing(self) -> None:
+        placing, self._placing = self._placing, ()
+        await self._cluster.release_leases(list(placing))
 
-    async def _release(self) -> None:
-        held, self._held = self._held, []
-        await self._cluster.release_leases(held)
+    async def _forget(self) -> None:
+        """The engine lost the model (its process died): end the leases it ran on."""
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None:
+            await self._cluster.release_leases(list(loaded.leases))
 
     async def _unload(self) -> bool:
-        self._loaded = None
+        return await finish(self._unload_now())
+
+    async def _unload_now(self) -> bool:
+        loaded, self._loaded = self._loaded, None
         was_loaded = await self._engine.unload()
-        await self._release()
+        if loaded is not None:
+            await self._cluster.release_leases(list(loaded.leases))
         return was_loaded
 
     async def unload(self) -> bool:
+        """The person's unload: nothing is wanted any more."""
         async with self._lock:
-            self._reload = False
+            self._wanted = None
             return await self._unload()
 
-    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
-        """Stream an answer, loading the model first when none is ready."""
+    async def generate(self, request: pb.GenerateRequest) -> AsyncGenerator[pb.GenerateEvent, None]:
+        """Stream an answer, loading what is wanted (else the default) when none serves."""
         self.in_flight += 1
         try:
             async with self._lock:
                 self._cancel_idle_timer()
                 if self._engine.state != pb.READY:
-                    # After a failure or an unload to plan anew, what was loaded last;
-                    # else the default.
-                    again = (
-                        self._last_request
-                        if self._reload or self._engine.state == pb.FAILED
-                        else None
-                    )
-                    self._reload = False
-                    async for load_event in self._load(again or pb.LoadRequest()):
-                        if load_event.HasField("progress"):
-                            yield pb.GenerateEvent(loading=load_event.progress)
+                    again = self._wanted.request if self._wanted else pb.LoadRequest()
+                    places = self._place(again, chosen=False)
+                    async with contextlib.aclosing(places) as events:
+                        async for load_event in events:
+                            if load_event.HasField("progress"):
+                                yield pb.GenerateEvent(loading=load_event.progress)
+                check_prompt_size(prompt_bytes(request), self._engine.n_ctx)
                 if request.max_tokens == 0:
                     request.max_tokens = self._config.model.max_tokens
+                leases = self._loaded.leases if self._loaded else ()
                 try:
-                    async for event in self._engine.generate(request):
-                        yield event
+                    async with contextlib.aclosing(self._engine.generate(request)) as events:
+                        async for event in events:
+                            yield event
                 except RequestError as e:
-                    error = await self._name_lost_worker(e)
-                    if self._engine.state != pb.READY:
-                        await self._release()
+                    error = await _name_lost_worker(e, leases)
+                    if self._engine.state != pb.READY:  # FAILED says why until the next load
+                        await finish(self._forget())
                     raise error from e
         finally:
             self.in_flight -= 1
             self._arm_idle_timer()
+
+    def _busy(self) -> bool:
+        return self.in_flight > 0 or self._lock.locked()
 
     async def lost_devices(self, live: set[str]) -> None:
         """A device holding layers is gone: unload, and the next prompt plans anew.
@@ -272,66 +410,76 @@ class Models:
         wait on that device's RPC worker for ever (a frozen device keeps its
         connections open), and the request fails naming the device.
         """
-        gone = [h.name for h in self._held if h.node_id not in live]
-        if not gone:
-            return
-        if self.in_flight or self._lock.locked():
+        loaded = self._loaded
+        placing = frozenset(h.node_id for h in self._placing)
+        action = after_change(loaded, placing, frozenset(live), self._cluster.epoch(), self._busy())
+        if action is Action.ABANDON:
+            held = (*self._placing, *(loaded.leases if loaded else ()))
+            gone = sorted({h.name for h in held if h.node_id not in live})
             await self._engine.abandon(
                 f"{', '.join(gone)} stopped answering (no heartbeat for "
                 f"{self._config.timing.dead_after:g} s) and held layers of the model: "
                 "the request was cut off; the next prompt plans without it"
             )
-            return
-        async with self._lock:
-            if self._held and not self.placed_on <= live:
-                await self._unload_to_replan("a device holding layers is gone")
+        elif action is Action.UNLOAD:
+            async with self._lock:
+                if self._loaded is loaded:
+                    await self._unload_to_replan("a device holding layers is gone")
 
     async def leases_lost(self, stalled: float) -> None:
         """This device stopped for `stalled` seconds, long enough for the devices
         holding layers to count it as gone and end their leases."""
-        ended = self._held
-        if not ended or self.in_flight:
+        loaded = self._loaded
+        if loaded is None or not loaded.leases or self.in_flight:
             return
         async with self._lock:
-            if self._held is ended:  # not loaded anew, on fresh leases, while this waited
+            if self._loaded is loaded:  # not loaded anew, on fresh leases, while this waited
                 await self._unload_to_replan(
                     f"this device stopped for {stalled:.1f} s and its leases ended"
                 )
 
     async def _unload_to_replan(self, why: str) -> None:
-        """Unload what is split over devices; the next prompt loads it again, planned
-        anew over the devices there are then."""
+        """Unload what is split over devices; the next prompt loads what is wanted again,
+        planned anew over the devices there are then."""
         if self._loaded is None:
             return
-        log.warning("%s: unloading %s to plan it anew", why, self.info.path)
+        log.warning("%s: unloading %s to plan it anew", why, self._loaded.shape.path)
         await self._unload()
-        self._reload = True
 
     async def replan(self) -> None:
-        """Reload when the policy or the membership changed and a fresh plan would use
-        other devices (a device that would give a better plan joined, say). Only idle:
-        never while an answer is in flight."""
-        if self._loaded is None or self.in_flight or self._lock.locked():
-            return
-        shape, plan, seen = self._loaded
+        """Place the model anew when the policy or the membership changed and a fresh
+        plan would use other devices (a device that would give a better plan joined,
+        say). Only idle: never while an answer is in flight. The new placement is loaded
+        beside the old where memory holds both; else the old is unloaded first, and
+        loaded again where it was when the new one fails."""
+        loaded = self._loaded
         epoch = self._cluster.epoch()
-        if (epoch.policy_version, epoch.generation) == seen or self._last_request is None:
+        live = frozenset(self._cluster.live_ids())
+        if after_change(loaded, frozenset(), live, epoch, self._busy()) is not Action.REPLAN:
             return
-        self._loaded = (shape, plan, (epoch.policy_version, epoch.generation))
-        request = self._last_request
+        assert loaded is not None
+        seen = self._loaded = dataclasses.replace(loaded, epoch=epoch)  # whatever follows
         try:
-            fresh = self.plan(shape, plan.n_ctx, request.strategy, self._engine.footprint())
+            fresh = self.plan(
+                loaded.shape, loaded.plan.n_ctx, loaded.request.strategy, self._engine.footprint()
+            )
         except RequestError:
             return  # what is loaded keeps working; a prompt will say what is wrong
-        before = [s.device.node_id for s in plan.shares]
-        after = [s.device.node_id for s in fresh.shares]
-        if before == after:
+        if not moves(loaded.plan, fresh):
             return
-        log.info("re-planning %s: %s instead of %s", shape.path, after, before)
+        before = [s.device.name for s in loaded.plan.shares]
+        after = [s.device.name for s in fresh.shares]
+        log.info("re-planning %s: %s instead of %s", loaded.shape.path, after, before)
         async with self._lock:
-            if not self.in_flight:
-                async for _ in self._load(request):
-                    pass
+            if self.in_flight or self._loaded is not seen:
+                return
+            try:
+                places = self._place(loaded.request, False, (loaded.shape, fresh))
+                async with contextlib.aclosing(places) as events:
+                    async for _ in events:
+                        pass
+            except RequestError as e:
+                log.warning("re-planning %s failed: %s", loaded.shape.path, e)
 
     def _arm_idle_timer(self) -> None:
         self._cancel_idle_timer()
@@ -351,7 +499,8 @@ class Models:
                 log.info(
                     "unloading %s after %.0f s idle", self.info.path, self._config.model.keep_alive
                 )
-                await self.unload()
+                async with self._lock:  # still wanted: the next prompt loads it again
+                    await self._unload()
 
         self._idle_task = asyncio.get_running_loop().create_task(unload())
 
@@ -359,6 +508,17 @@ class Models:
         self._cancel_idle_timer()
         with contextlib.suppress(Exception):
             await self._unload()
+
+
+async def _name_lost_worker(error: RequestError, leases: tuple[Held, ...]) -> RequestError:
+    """Add which RPC worker stopped answering, when one did."""
+    if error.code != grpc.StatusCode.ABORTED:
+        return error
+    lost = [h for h in leases if not await _reachable(h.endpoint)]
+    if not lost:
+        return error
+    names = ", ".join(f"{h.name} ({h.endpoint})" for h in lost)
+    return RequestError(error.code, f"{error}; the RPC worker on {names} stopped answering")
 
 
 async def _reachable(endpoint: str) -> bool:
