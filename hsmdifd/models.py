@@ -252,8 +252,7 @@ class Models:
         else:
             shape, plan = known
         old = self._loaded
-        free = {d.node_id: d.usable_bytes for d in self._cluster.capacities()}
-        order = load_order(old, plan, free)
+        order = load_order(old, plan, self._free(old))
         if old is not None and order is Order.REPLACE:
             log.info("unloading %s first: memory does not hold both", old.shape.path)
             await self._unload()
@@ -267,6 +266,15 @@ class Models:
             if old is None or order is Order.BESIDE:
                 raise  # nothing was lost: what served serves on
             raise await self._restore(old, e) from e
+
+    def _free(self, loaded: Loaded | None) -> dict[str, int]:
+        """Usable memory by node id with `loaded` still in it. A declared figure stays
+        the same whatever runs, so the root's share of `loaded` comes off it."""
+        free = {d.node_id: d.usable_bytes for d in self._cluster.capacities()}
+        if loaded is not None and self._config.resources.memory_override_mb:
+            root = loaded.plan.shares[0]
+            free[root.device.node_id] = max(0, free.get(root.device.node_id, 0) - root.bytes)
+        return free
 
     async def _restore(self, old: Loaded, error: RequestError) -> RequestError:
         """Load `old` again, where it was, after `error` ended what replaced it; the
