@@ -461,6 +461,8 @@ class Cluster:
                 retry = e.code() in retried and self.is_root
                 if not retry or time.monotonic() > deadline:
                     raise
+                if device.node_id not in self.live_ids():
+                    raise  # it died meanwhile: the caller plans without it
             await asyncio.sleep(self.membership.interval)
 
     def lease_refusal(self, offered: election.Epoch) -> str | None:

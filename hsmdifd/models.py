@@ -246,26 +246,38 @@ class Models:
         if self._loaded is not None and self._engine.state != pb.READY:
             await self._unload()  # the engine died under it: its leases go too
         threads = self._threads(request)
-        if known is None:
-            shape = await self.shape(request.model_path)
-            plan = self.plan(shape, request.max_seq_len, request.strategy, self._engine.footprint())
-        else:
-            shape, plan = known
-        old = self._loaded
-        order = load_order(old, plan, self._free(old))
-        if old is not None and order is Order.REPLACE:
-            log.info("unloading %s first: memory does not hold both", old.shape.path)
-            await self._unload()
-        try:
-            async with contextlib.aclosing(
-                self._start(request, shape, plan, threads, order)
-            ) as events:
-                async for event in events:
-                    yield event
-        except RequestError as e:
-            if old is None or order is Order.BESIDE:
-                raise  # nothing was lost: what served serves on
-            raise await self._restore(old, e) from e
+        shape = known[0] if known else await self.shape(request.model_path)
+        old = self._loaded  # what serves now: kept, or loaded again if it must go first
+        for attempt in (1, 2):
+            if known is not None and attempt == 1:
+                plan = known[1]
+            else:
+                footprint = self._engine.footprint()
+                plan = self.plan(shape, request.max_seq_len, request.strategy, footprint)
+            order = load_order(self._loaded, plan, self._free(self._loaded))
+            if self._loaded is not None and order is Order.REPLACE:
+                log.info("unloading %s first: memory does not hold both", self._loaded.shape.path)
+                await self._unload()
+            try:
+                async with contextlib.aclosing(
+                    self._start(request, shape, plan, threads, order)
+                ) as events:
+                    async for event in events:
+                        yield event
+                return
+            except RequestError as e:
+                gone = [s.device.name for s in plan.shares if s.device.node_id not in self._live()]
+                if attempt == 1 and gone:
+                    # A device of the plan died while it was leased or loaded (a prompt
+                    # right after a loss, before the death was noticed): plan again.
+                    log.warning("%s; planning again without %s", e, ", ".join(gone))
+                    continue
+                if old is None or self._loaded is old:
+                    raise  # nothing was lost: what served serves on
+                raise await self._restore(old, e) from e
+
+    def _live(self) -> set[str]:
+        return self._cluster.live_ids()
 
     def _free(self, loaded: Loaded | None) -> dict[str, int]:
         """Usable memory by node id with `loaded` still in it. A declared figure stays

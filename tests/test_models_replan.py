@@ -147,3 +147,36 @@ def test_an_unload_to_re_plan_keeps_the_choice_for_the_next_prompt(
             await models.close()
 
     asyncio.run(run())
+
+
+class WorkerDiesWhileLeased(StandInCluster):
+    """The worker of a fresh plan dies as its lease is asked for (a prompt right after
+    a loss, before the loss was noticed)."""
+
+    async def acquire_leases(self, plan: planner.Plan) -> list[Held]:
+        self.worker = False
+        self.root_bytes *= 4
+        return await super().acquire_leases(plan)
+
+
+def test_a_device_that_died_while_leased_is_planned_around(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    need = estimate_memory(read_model_shape(tiny_model), 256).total
+
+    async def run() -> None:
+        cluster = WorkerDiesWhileLeased(root_bytes=need * 4 // 5)
+        cluster.worker = True
+        models = make_models(tmp_path, cluster)
+        chosen = pb.LoadRequest(model_path=str(tiny_model), max_seq_len=256)
+        try:
+            async for _ in models.load(chosen):
+                pass
+            assert cluster.leases_asked == 1
+            loaded = models.loaded
+            assert loaded is not None and loaded.plan.standalone
+            assert await answer(models)
+        finally:
+            await models.close()
+
+    asyncio.run(run())
