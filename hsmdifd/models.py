@@ -225,6 +225,8 @@ class Models:
         try:
             async with contextlib.aclosing(self._place_once(request, known)) as events:
                 async for event in events:
+                    if event.HasField("loaded"):  # said before the caller may stop listening
+                        self._after(request, chosen, None)
                     yield event
         except RequestError as e:
             self._after(request, chosen, e.code)
@@ -232,7 +234,6 @@ class Models:
         except Exception:
             self._after(request, chosen, grpc.StatusCode.UNKNOWN)
             raise
-        self._after(request, chosen, None)
 
     def _after(
         self, request: pb.LoadRequest, chosen: bool, failure: grpc.StatusCode | None
