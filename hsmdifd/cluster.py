@@ -425,7 +425,9 @@ class Cluster:
 
     async def _lease(self, device: planner.DeviceCapacity) -> pb.Lease:
         """Ask `device` for a lease; again, for a while, when its view of the root or the
-        policy lags behind this device's (it refuses with ABORTED until it catches up)."""
+        policy lags behind this device's (it refuses with ABORTED until it catches up),
+        or when the channel to it is still connecting (UNAVAILABLE: a device that just
+        came back is live before this device's channel to it has reconnected)."""
         deadline = time.monotonic() + timing.LEASE_RETRY
         while True:
             stub = self.membership.stub_for(device.node_id) if self.membership else None
@@ -436,9 +438,12 @@ class Cluster:
                     pb.LeaseRequest(epoch=self.epoch_pb()), timeout=timing.LEASE_TIMEOUT
                 )
             except grpc.aio.AioRpcError as e:
-                retry = e.code() == grpc.StatusCode.ABORTED and self.is_root
+                retried = (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE)
+                retry = e.code() in retried and self.is_root
                 if not retry or time.monotonic() > deadline:
                     raise
+                if device.node_id not in self.live_ids():
+                    raise  # it died meanwhile: the caller plans without it
             await asyncio.sleep(self.membership.interval)
 
     def lease_refusal(self, offered: election.Epoch) -> str | None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import psutil
@@ -27,6 +29,54 @@ from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_serial = itertools.count()
+
+PROMPT_BYTES_PER_TOKEN = 16
+"""Prompt bytes allowed per token of context, checked before tokenizing. English text
+averages about 4 bytes a token and code about 3; 16 leaves room for long tokens (runs
+of spaces, long words) so that no prompt that could fit is refused, while the
+tokenizer, which is quadratic on a long run without spaces, never sees more than a
+full context's worth of text."""
+
+
+async def finish(step: Awaitable[T]) -> T:
+    """Await `step` to its end even when the caller is cancelled meanwhile, then pass
+    the cancellation on: a change of state (a child started or ended, leases taken or
+    released) is never left half done, so what the daemon says and the processes that
+    run always agree."""
+    task = asyncio.ensure_future(step)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if not task.cancelled():
+            task.exception()  # retrieved: an error of the step goes with the cancellation
+        raise asyncio.CancelledError
+    return task.result()
+
+
+def prompt_bytes(request: pb.GenerateRequest) -> int:
+    """The size of a prompt's text, before the chat template adds its few bytes."""
+    if request.raw:
+        return len(request.prompt.encode())
+    return sum(len(m.content.encode()) for m in request.messages)
+
+
+def check_prompt_size(size: int, n_ctx: int) -> None:
+    """Refuse a prompt of `size` bytes that cannot fit a context of `n_ctx` tokens."""
+    limit = n_ctx * PROMPT_BYTES_PER_TOKEN
+    if size > limit:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the prompt is {size} bytes but the model is loaded with a context of {n_ctx} "
+            f"tokens, which takes at most {limit} bytes ({PROMPT_BYTES_PER_TOKEN} a token); "
+            "shorten the prompt or load the model with a larger --max-seq-len",
+        )
 
 
 @dataclass(frozen=True)
@@ -99,46 +149,59 @@ def _cancelled_itself() -> bool:
 
 
 class Engine:
-    """Supervises at most one engine child; every public method is loop-safe."""
+    """Supervises the engine child; every public method is loop-safe.
+
+    One child serves (`READY`). A load may start a second one beside it, the candidate,
+    and swap it in once it has loaded: the serving model is kept until the new one is
+    ready, and kept for good when the new one fails. Every change of state runs through
+    `finish`, so a cancelled caller never leaves a child without a state that says so.
+    """
 
     def __init__(self, socket_path: Path) -> None:
         self._socket_path = socket_path
         self._child: _Child | None = None
+        self._candidate: _Child | None = None
         self._watch: asyncio.Task[None] | None = None
         self._info = pb.ModelInfo(state=pb.IDLE)
 
     @property
     def info(self) -> pb.ModelInfo:
-        return self._info
+        """The serving model, as a copy: only the engine changes its state."""
+        info = pb.ModelInfo()
+        info.CopyFrom(self._info)
+        return info
 
     @property
     def state(self) -> pb.ModelState.ValueType:
         return self._info.state
 
+    @property
+    def n_ctx(self) -> int:
+        """The context llama.cpp runs the serving model with (it pads the one asked for)."""
+        return self._info.context_length
+
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in (self._child, self._candidate) if c is not None]
+
     def footprint(self) -> int:
         """Memory the loaded model gives back when it is replaced (0 when none)."""
         return self._child.private_bytes() if self._child else 0
 
-    async def load(self, spec: LoadSpec) -> AsyncIterator[pb.LoadEvent]:
-        """Replace whatever is loaded by `spec`, yielding progress, then the model."""
-        await self.unload()
-        shape = spec.shape
-        self._info = pb.ModelInfo(
-            state=pb.LOADING,
-            path=shape.path,
-            name=shape.name,
-            size_bytes=shape.size_bytes,
-            context_length=spec.context_length,
-            threads=spec.threads,
-            architecture=shape.architecture,
-            n_layer=shape.n_layer,
-            estimated_bytes=spec.estimated_bytes,
-        )
+    async def load(self, spec: LoadSpec, keep: bool = False) -> AsyncGenerator[pb.LoadEvent, None]:
+        """Load `spec`, yielding progress, then the model once it serves.
+
+        Without `keep` whatever is loaded is ended first. With it, the serving model
+        goes on serving until the new one has loaded, and stays when the new one fails
+        or the load is cancelled.
+        """
+        if not keep or self._child is None:
+            await self.unload()
+            self._info = _loading_info(spec)
         child = None
         try:
-            child = self._child = await _Child.start(self._socket_path)
+            child = await finish(self._start_candidate())
             request = pb.EngineLoadRequest(
-                model_path=shape.path,
+                model_path=spec.shape.path,
                 context_length=spec.context_length,
                 threads=spec.threads,
                 rpc_endpoints=spec.endpoints,
@@ -146,34 +209,62 @@ class Engine:
             if spec.endpoints:
                 request.n_gpu_layers = spec.plan.n_gpu_layers
                 request.tensor_split.extend(spec.plan.tensor_split)
+            loaded = None
             async for event in child.stub.Load(request):
                 if event.HasField("loaded"):
-                    self._info.MergeFrom(event.loaded)
-                    self._info.state = pb.READY
-                    self._watch = asyncio.create_task(self._watch_child(child))
-                    yield pb.LoadEvent(loaded=self._info)
+                    loaded = event.loaded
                 else:
                     yield event
+            if loaded is None:
+                raise RequestError(grpc.StatusCode.INTERNAL, "the engine process said nothing")
+            await finish(self._swap_in(child, spec, loaded))
         except (asyncio.CancelledError, GeneratorExit) as e:
             if isinstance(e, GeneratorExit) or _cancelled_itself():
-                await self._stop_child()
-                self._info = pb.ModelInfo(state=pb.IDLE)
+                await finish(self._drop_candidate(None))
                 raise
-            raise await self._load_failed(e, child) from e
+            raise await finish(self._load_failed(e, child)) from e
         except Exception as e:
-            error = await self._load_failed(e, child)
+            error = await finish(self._load_failed(e, child))
             if error is e:
                 raise
             raise error from e
+        yield pb.LoadEvent(loaded=self.info)
+
+    async def _start_candidate(self) -> _Child:
+        child = self._candidate = await _Child.start(
+            self._socket_path.with_name(f"{self._socket_path.stem}-{next(_serial)}.sock")
+        )
+        return child
+
+    async def _swap_in(self, child: _Child, spec: LoadSpec, loaded: pb.ModelInfo) -> None:
+        old = self._child
+        self._stop_watch()
+        self._child, self._candidate = child, None
+        self._info = _loading_info(spec)
+        self._info.MergeFrom(loaded)
+        self._info.state = pb.READY
+        self._watch = asyncio.create_task(self._watch_child(child))
+        if old is not None:
+            await old.stop()
+
+    async def _drop_candidate(self, error: BaseException | None) -> None:
+        """End the candidate; with no model kept, the state says why (IDLE when the load
+        was cancelled, FAILED with `error`)."""
+        child, self._candidate = self._candidate, None
+        if child is not None:
+            await child.stop()
+        if self._child is None:
+            self._info = pb.ModelInfo(state=pb.IDLE)
+            if error is not None:
+                self._info.state = pb.FAILED
+                self._info.error = str(error)
 
     async def _load_failed(self, error: BaseException, child: _Child | None) -> BaseException:
         error = await self._failed_child_error(error, "loading", child)
-        await self._stop_child()
-        self._info.state = pb.FAILED
-        self._info.error = str(error)
+        await self._drop_candidate(error)
         return error
 
-    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
+    async def generate(self, request: pb.GenerateRequest) -> AsyncGenerator[pb.GenerateEvent, None]:
         child = self._child
         if child is None or self.state != pb.READY:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, "no model is loaded")
@@ -186,17 +277,23 @@ class Engine:
             raise await self._failed_child_error(e, "generating", child) from e
 
     async def abandon(self, reason: str) -> None:
-        """End the child whatever it is doing, when what it waits on will never answer
-        (llama.cpp waits on an RPC worker for ever). The request in flight fails with
-        `reason`; the next prompt loads again."""
-        child = self._child
-        if child is None:
+        """End the children whatever they are doing, when what they wait on will never
+        answer (llama.cpp waits on an RPC worker for ever). The request in flight fails
+        with `reason`; the next prompt loads again."""
+        if self._child is None and self._candidate is None:
             return
         log.error("%s: ending the engine process", reason)
-        child.abandoned = reason
-        await self._stop_child()
-        self._info.state = pb.FAILED
-        self._info.error = reason
+        await finish(self._abandon(reason))
+
+    async def _abandon(self, reason: str) -> None:
+        children = [c for c in (self._candidate, self._child) if c is not None]
+        for child in children:
+            child.abandoned = reason
+        self._stop_watch()
+        self._child = self._candidate = None
+        self._info = pb.ModelInfo(state=pb.FAILED, error=reason)
+        for child in children:
+            await child.stop()
 
     async def _failed_child_error(
         self, error: BaseException, doing: str, child: _Child | None
@@ -237,25 +334,45 @@ class Engine:
             log.error(
                 "the engine process died (%s); %s is no longer loaded", reason, self._info.path
             )
+            self._child, self._watch = None, None
             self._info.state = pb.FAILED
             self._info.error = f"the engine process died ({reason})"
-            await self._stop_child()
+            await child.stop()
 
-    async def _stop_child(self) -> None:
-        child, self._child = self._child, None
+    def _stop_watch(self) -> None:
         watch, self._watch = self._watch, None
         if watch is not None and watch is not asyncio.current_task():
             watch.cancel()
-        if child is not None:
-            await child.stop()
 
     async def unload(self) -> bool:
-        """End the child; True when a model was loaded."""
+        """End the children; True when a model was loaded."""
         was_loaded = self.state == pb.READY
-        await self._stop_child()
-        self._info = pb.ModelInfo(state=pb.IDLE)
+        await finish(self._unload())
         return was_loaded
+
+    async def _unload(self) -> None:
+        children = [c for c in (self._candidate, self._child) if c is not None]
+        self._stop_watch()
+        self._child = self._candidate = None
+        self._info = pb.ModelInfo(state=pb.IDLE)
+        for child in children:
+            await child.stop()
 
     @staticmethod
     def child_socket(runtime_dir: Path) -> Path:
         return runtime_dir / f"engine-{os.getpid()}.sock"
+
+
+def _loading_info(spec: LoadSpec) -> pb.ModelInfo:
+    shape = spec.shape
+    return pb.ModelInfo(
+        state=pb.LOADING,
+        path=shape.path,
+        name=shape.name,
+        size_bytes=shape.size_bytes,
+        context_length=spec.context_length,
+        threads=spec.threads,
+        architecture=shape.architecture,
+        n_layer=shape.n_layer,
+        estimated_bytes=spec.estimated_bytes,
+    )

@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 
 from hsmdifd.children import exit_when_parent_goes
+from hsmdifd.engine import PROMPT_BYTES_PER_TOKEN, prompt_bytes
 from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
 from hsmdifd.timing import STREAM_INTERVAL
@@ -120,7 +122,13 @@ def _load(request: pb.EngineLoadRequest, progress: queue.Queue[float]) -> _Loade
         bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
         stop_token_ids=[eos],
     )
-    return _Loaded(llm=llm, formatter=formatter, n_ctx=llm.n_ctx())
+    n_ctx = llm.n_ctx()
+    if len(llm.input_ids) < n_ctx:
+        # llama.cpp pads the context up (to a multiple of 256), and llama-cpp-python
+        # sizes its token buffer by the figure asked for: a prompt longer than that
+        # failed to fit the buffer. Size it by the context there is: one figure.
+        llm.input_ids = np.zeros(n_ctx, dtype=np.intc)
+    return _Loaded(llm=llm, formatter=formatter, n_ctx=n_ctx)
 
 
 class EngineServicer(pb_grpc.EngineServicer):
@@ -171,8 +179,23 @@ class EngineServicer(pb_grpc.EngineServicer):
         loaded = self._loaded
         if loaded is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no model is loaded")
+        size = prompt_bytes(request)
+        limit = loaded.n_ctx * PROMPT_BYTES_PER_TOKEN
+        if size > limit:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the prompt is {size} bytes but the model is loaded with a context of "
+                f"{loaded.n_ctx} tokens, which takes at most {limit} bytes",
+            )
+        ended = threading.Event()
+        context.add_callback(ended.set)  # the call ended: done, or cancelled by the daemon
+        # Tokenizing needs no lock: a long prompt does not hold up the answer in flight.
+        tokens = _prompt_tokens(loaded, request)
         with self._lock:
-            yield from _generate(loaded, request, context, received)
+            if not ended.is_set():
+                yield from _generate(
+                    loaded, tokens, request=request, context=context, received=received, ended=ended
+                )
 
 
 def _prompt_tokens(loaded: _Loaded, request: pb.GenerateRequest) -> list[int]:
@@ -184,16 +207,48 @@ def _prompt_tokens(loaded: _Loaded, request: pb.GenerateRequest) -> list[int]:
     return list(llm.tokenize(formatted.prompt.encode(), add_bos=False, special=True))
 
 
+PREFILL_SECONDS = 0.03
+"""Seconds of prompt evaluation between two looks at whether the request was cancelled:
+a cancelled request frees the engine well within 100 ms at any stage."""
+
+
+def _prefill(llm: Any, tokens: list[int], ended: threading.Event) -> bool:
+    """Evaluate the prompt in chunks sized to take about PREFILL_SECONDS each (at most
+    n_batch tokens), looking for a cancellation between them; False when cancelled.
+
+    The tokens of the previous request that start this prompt stay in the KV cache
+    (a chat repeats its history), as llama-cpp-python's own generate() would keep them.
+    """
+    cached = 0
+    for a, b in zip(llm.input_ids[: llm.n_tokens], tokens[:-1], strict=False):
+        if a != b:
+            break
+        cached += 1
+    llm.n_tokens = min(llm.n_tokens, cached)  # eval() drops the KV cache past this
+    chunk = 8
+    while llm.n_tokens < len(tokens):
+        if ended.is_set():
+            return False
+        start = time.monotonic()
+        batch = tokens[llm.n_tokens : llm.n_tokens + chunk]
+        llm.eval(batch)
+        elapsed = max(time.monotonic() - start, 1e-6)
+        chunk = max(1, min(llm.n_batch, int(len(batch) * PREFILL_SECONDS / elapsed)))
+    return not ended.is_set()
+
+
 def _generate(
     loaded: _Loaded,
+    tokens: list[int],
+    *,
     request: pb.GenerateRequest,
     context: grpc.ServicerContext,
     received: float,
+    ended: threading.Event,
 ) -> Iterator[pb.GenerateEvent]:
     import llama_cpp
 
     llm = loaded.llm
-    tokens = _prompt_tokens(loaded, request)
     room = loaded.n_ctx - len(tokens)
     if room < 1:
         context.abort(
@@ -204,6 +259,8 @@ def _generate(
     max_tokens = min(request.max_tokens, room)
     temperature = request.temperature if request.HasField("temperature") else 0.8
     llm.set_seed(request.seed if request.HasField("seed") else random.getrandbits(32))
+    if not _prefill(llm, tokens, ended):
+        return
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     vocab = llm._model.vocab
     produced = 0
@@ -211,6 +268,7 @@ def _generate(
     pending: list[str] = []
     finish = "length"
     strip_leading = not request.raw
+    # The prompt is all in the KV cache: generate() finds it there and samples at once.
     for token in llm.generate(tokens, temp=temperature, top_k=40, top_p=0.95, min_p=0.05):
         if llama_cpp.llama_vocab_is_eog(vocab, token):
             finish = "stop"
@@ -231,7 +289,7 @@ def _generate(
                 sent_at = now
         if produced >= max_tokens:
             break
-        if not context.is_active():
+        if ended.is_set() or not context.is_active():
             return
     pending.append(decoder.decode(b"", final=True))
     if text := "".join(pending):

@@ -41,7 +41,7 @@ psutil.cpu_percent(interval=None)
 @dataclass(frozen=True)
 class CgroupMemory:
     limit_bytes: int | None  # smallest limit on our cgroup or its parents; None: no limit
-    usage_bytes: int | None  # usage of the cgroup setting the limit, less inactive file cache
+    usage_bytes: int | None  # usage of the cgroup setting the limit, less reclaimable cache
 
 
 @dataclass(frozen=True)
@@ -97,10 +97,9 @@ def read_cgroup_memory(
     """
     version, dirs = _cgroup_dirs(proc_cgroup, cgroup_root, "memory")
     if version == 2:
-        limit_file, usage_file, inactive_key = "memory.max", "memory.current", "inactive_file"
+        limit_file, usage_file, prefix = "memory.max", "memory.current", ""
     else:
-        limit_file, usage_file = "memory.limit_in_bytes", "memory.usage_in_bytes"
-        inactive_key = "total_inactive_file"
+        limit_file, usage_file, prefix = "memory.limit_in_bytes", "memory.usage_in_bytes", "total_"
     physical = psutil.virtual_memory().total
     limit: int | None = None
     where = dirs[0] if dirs else None
@@ -113,11 +112,40 @@ def read_cgroup_memory(
     if where is None:
         return CgroupMemory(limit_bytes=None, usage_bytes=None)
     usage = _to_int(_read(where / usage_file))
-    stat = (line.partition(" ") for line in _read(where / "memory.stat").splitlines())
-    inactive = next((_to_int(v) for k, _, v in stat if k == inactive_key), None) or 0
     if usage is not None:
-        usage = max(0, usage - inactive)
+        usage = max(0, usage - reclaimable_cache(_read(where / "memory.stat"), prefix))
     return CgroupMemory(limit_bytes=limit, usage_bytes=usage)
+
+
+RECLAIMABLE = ("active_file", "inactive_file")
+"""The file-backed page cache on both LRU lists (v2 `file` would add shmem, which only
+swap can free)."""
+NOT_RECLAIMABLE = ("file_mapped", "file_dirty", "file_writeback")
+"""Cache that is in use: pages mapped by a process (a loaded model's weights, which
+would be read back from disk at once) and pages that must first be written."""
+V1_NAMES = {"file_mapped": "mapped_file", "file_dirty": "dirty", "file_writeback": "writeback"}
+
+
+def reclaimable_cache(stat: str, prefix: str = "") -> int:
+    """Bytes of page cache in a cgroup's `memory.stat` that the kernel frees on demand.
+
+    Both the active and the inactive file lists count: a model file read by an engine
+    that has since ended stays on the active list, and counting it as used made the
+    device look 150 MiB smaller after every unload. Mapped, dirty and writeback pages do
+    not count. `prefix` is "total_" for v1, whose hierarchical keys also differ in name.
+    """
+    values: dict[str, int] = {}
+    for line in stat.splitlines():
+        key, _, value = line.partition(" ")
+        if (number := _to_int(value.strip())) is not None:
+            values[key] = number
+
+    def get(name: str) -> int:
+        if prefix:
+            name = prefix + V1_NAMES.get(name, name)
+        return values.get(name, 0)
+
+    return max(0, sum(map(get, RECLAIMABLE)) - sum(map(get, NOT_RECLAIMABLE)))
 
 
 def memory_figures(
@@ -160,6 +188,25 @@ def _cpu_quota(proc_cgroup: Path, cgroup_root: Path) -> str:
     version, dirs = _cgroup_dirs(proc_cgroup, cgroup_root, "cpu")
     names = ["cpu.max"] if version == 2 else ["cpu.cfs_quota_us", "cpu.cfs_period_us"]
     return ",".join(_read(d / name) for d in dirs for name in names)
+
+
+def usable_cpus(proc_cgroup: Path = PROC_CGROUP, cgroup_root: Path = CGROUP_ROOT) -> int:
+    """The CPUs this process may run on: its affinity (else os.cpu_count()), capped by
+    the tightest cgroup CPU quota (v2 `cpu.max`, v1 `cpu.cfs_quota_us` over
+    `cpu.cfs_period_us`), rounded up: 1.5 CPUs of quota can keep two threads busy."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    cpus = len(affinity(0)) if affinity else (os.cpu_count() or 1)
+    version, dirs = _cgroup_dirs(proc_cgroup, cgroup_root, "cpu")
+    for directory in dirs:
+        if version == 2:
+            quota_text, _, period_text = _read(directory / "cpu.max").partition(" ")
+        else:
+            quota_text = _read(directory / "cpu.cfs_quota_us")
+            period_text = _read(directory / "cpu.cfs_period_us")
+        quota, period = _to_int(quota_text), _to_int(period_text.strip())
+        if quota and period:  # "max", -1 or missing: no quota here
+            cpus = min(cpus, max(1, math.ceil(quota / period)))
+    return max(1, cpus)
 
 
 def hardware_fingerprint(proc_cgroup: Path = PROC_CGROUP, cgroup_root: Path = CGROUP_ROOT) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -91,6 +92,68 @@ def test_inactive_file_cache_does_not_count_as_used(tmp_path: Path) -> None:
         },
     )
     assert got == CgroupMemory(limit_bytes=GiB, usage_bytes=100 * MiB)
+
+
+def test_active_file_cache_counts_as_reclaimable_but_mapped_and_dirty_do_not(
+    tmp_path: Path,
+) -> None:
+    """A model file read by an engine that has ended stays on the active list: it is
+    still reclaimable, so an unload does not make the device look smaller."""
+    stat = (
+        f"anon {100 * MiB}\nfile {420 * MiB}\nactive_file {300 * MiB}\n"
+        f"inactive_file {100 * MiB}\nfile_mapped {50 * MiB}\nfile_dirty {8 * MiB}\n"
+        f"file_writeback {2 * MiB}\nshmem {20 * MiB}\n"
+    )
+    got = read(
+        tmp_path,
+        "0::/a\n",
+        {"a/memory.max": f"{GiB}\n", "a/memory.current": f"{520 * MiB}\n", "a/memory.stat": stat},
+    )
+    # 400 MiB of cache, less 60 MiB mapped, dirty or being written back.
+    assert got == CgroupMemory(limit_bytes=GiB, usage_bytes=180 * MiB)
+
+
+def test_an_unload_leaves_the_device_as_big_as_before_the_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the load: 150 MiB of the model file cached (read by `plan`). Loaded: the
+    same pages mapped by the engine. Unloaded: unmapped but still on the active list."""
+    fake_memory(monkeypatch, total=8 * GiB, available=6 * GiB)
+
+    def usable(current: int, stat: str) -> int:
+        files: dict[str, str | bytes] = {
+            "a/memory.max": f"{GiB}",
+            "a/memory.current": f"{current}",
+            "a/memory.stat": stat,
+        }
+        cg = read(tmp_path, "0::/a\n", files)
+        return memory_figures(cgroup=cg).usable_bytes
+
+    before = usable(160 * MiB, f"anon {10 * MiB}\ninactive_file {150 * MiB}\n")
+    loaded = usable(
+        200 * MiB,
+        f"anon {50 * MiB}\nactive_file {150 * MiB}\nfile_mapped {150 * MiB}\n",
+    )
+    after = usable(160 * MiB, f"anon {10 * MiB}\nactive_file {150 * MiB}\n")
+    assert loaded == before - 190 * MiB
+    assert after == before
+
+
+def test_v1_counts_both_file_lists_less_mapped(tmp_path: Path) -> None:
+    got = read(
+        tmp_path,
+        V1_PROC,
+        {
+            "memory/docker/abc/memory.limit_in_bytes": f"{768 * MiB}\n",
+            "memory/docker/abc/memory.usage_in_bytes": f"{400 * MiB}\n",
+            "memory/docker/abc/memory.stat": (
+                f"cache {1 * MiB}\nactive_file {1 * MiB}\ntotal_active_file {200 * MiB}\n"
+                f"total_inactive_file {100 * MiB}\ntotal_mapped_file {40 * MiB}\n"
+                f"total_dirty {10 * MiB}\ntotal_writeback 0\n"
+            ),
+        },
+    )
+    assert got == CgroupMemory(limit_bytes=768 * MiB, usage_bytes=150 * MiB)
 
 
 V1_PROC = "9:name=systemd:/\n4:memory:/docker/abc\n2:cpu,cpuacct:/docker/abc\n0::/\n"
@@ -323,3 +386,30 @@ def test_cpu_load_sees_a_busy_core() -> None:
         pass
     load = profile.cpu_load()
     assert 0.1 < load <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("proc", "files", "expected"),
+    [
+        ("0::/a\n", {"a/cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs keep two threads busy
+        ("0::/a\n", {"a/cpu.max": "max 100000\n"}, None),
+        ("0::/a/b\n", {"a/cpu.max": "100000 100000\n", "a/b/cpu.max": "max 100000"}, 1),
+        (
+            "4:cpu,cpuacct:/docker/x\n",
+            {"cpu/docker/x/cpu.cfs_quota_us": "50000", "cpu/docker/x/cpu.cfs_period_us": "100000"},
+            1,
+        ),
+        (
+            "4:cpu,cpuacct:/docker/x\n",
+            {"cpu/docker/x/cpu.cfs_quota_us": "-1\n", "cpu/docker/x/cpu.cfs_period_us": "100000"},
+            None,
+        ),
+        ("0::/a\n", {"a/cpu.max": "garbage"}, None),
+    ],
+)
+def test_usable_cpus_is_capped_by_the_cgroup_quota(
+    tmp_path: Path, proc: str, files: dict[str, str | bytes], expected: int | None
+) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    got = profile.usable_cpus(make_cgroup(tmp_path, proc, files), tmp_path / "root")
+    assert got == (cpus if expected is None else min(cpus, expected))
