@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -77,25 +76,16 @@ def check_strategy(strategy: str) -> None:
         raise _invalid(f"unknown strategy {quoted(strategy)}: use capacity or latency")
 
 
-def device_cpus() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # macOS has no affinity
-        return os.cpu_count() or 1
-
-
-def check_load(request: pb.LoadRequest, cpus: int | None) -> None:
-    """Refuse a malformed load request; `cpus` bounds the threads when the engine runs here."""
+def check_load(request: pb.LoadRequest) -> None:
+    """Refuse a malformed load request. Threads beyond what the root's CPUs allow are
+    refused by the root itself (placer.py), wherever the request came from."""
     check_path(request.model_path)
     check_context(request.max_seq_len)
     check_strategy(request.strategy)
-    bound = min(limits.MAX_THREADS, cpus or limits.MAX_THREADS)
-    if request.threads > bound:
-        where = f"this device has {cpus} CPUs" if cpus else f"at most {bound:,} are used"
+    if request.threads > limits.MAX_THREADS:
         raise _invalid(
-            f"--threads {request.threads:,} is more than the engine can use ({where}); give "
-            f"at most {bound:,}, or leave it out for the configured count"
+            f"--threads {request.threads:,} is more than the engine can use (at most "
+            f"{limits.MAX_THREADS:,}); leave it out for the configured count"
         )
 
 
@@ -274,7 +264,7 @@ class ControlService(pb_grpc.ControlServicer):
 
     async def Load(self, request: pb.LoadRequest, context: Context) -> AsyncIterator[pb.LoadEvent]:
         try:
-            check_load(request, device_cpus() if self._cluster.is_root else None)
+            check_load(request)
             async for event in self._router.load(request):
                 yield event
         except RequestError as e:

@@ -13,7 +13,7 @@ import itertools
 import logging
 import os
 import signal
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -163,6 +163,8 @@ class Engine:
         self._candidate: _Child | None = None
         self._watch: asyncio.Task[None] | None = None
         self._info = pb.ModelInfo(state=pb.IDLE)
+        self.on_death: Callable[[], None] | None = None
+        """Called when the serving child dies by itself (crash, abort, OOM kill)."""
 
     @property
     def info(self) -> pb.ModelInfo:
@@ -338,6 +340,8 @@ class Engine:
             self._info.state = pb.FAILED
             self._info.error = f"the engine process died ({reason})"
             await child.stop()
+            if self.on_death is not None:
+                self.on_death()
 
     def _stop_watch(self) -> None:
         watch, self._watch = self._watch, None

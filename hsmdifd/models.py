@@ -39,6 +39,21 @@ class Models:
         self._idle_task: asyncio.Task[None] | None = None
         self._placer = Placer(config, engine, cluster)
         self.in_flight = 0
+        self._background: set[asyncio.Task[None]] = set()
+        engine.on_death = self._engine_died
+
+    def _engine_died(self) -> None:
+        """The engine died with no request to notice: end its leases now, so that no
+        worker keeps a relay open for it (the next prompt loads the model again)."""
+        task = asyncio.get_running_loop().create_task(self._forget_dead_engine())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _forget_dead_engine(self) -> None:
+        async with self._lock:  # a request in flight handles it itself, first
+            if self._engine.state == pb.FAILED and self._placer.loaded is not None:
+                log.info("ending the leases of the engine that died")
+                await finish(self._placer.forget())
 
     @property
     def info(self) -> pb.ModelInfo:
@@ -228,5 +243,8 @@ class Models:
 
     async def close(self) -> None:
         self._cancel_idle_timer()
+        self._engine.on_death = None
+        for task in self._background:
+            task.cancel()
         with contextlib.suppress(Exception):
             await self._placer.unload()

@@ -99,8 +99,12 @@ def write_tiny_llama(
     seed: int = 0,
     chat_template: str | None = DEFAULT_TEMPLATE,
     tied_output: bool = False,
+    architecture: str = "llama",
 ) -> Path:
     """Write a random-weight llama model to `path`; the same arguments give the same bytes.
+
+    `architecture` names another one in the header, over the same llama tensors (for a
+    file whose header reads well but which llama.cpp refuses).
 
     Matrices are stored as `dtype` ("f16" or "f32"), norm weights always as f32 (as the
     converters do). With `tied_output` there is no output.weight and llama.cpp reuses
@@ -113,7 +117,7 @@ def write_tiny_llama(
     matrix_dtype = np.dtype(np.float16 if dtype == "f16" else np.float32)
     tokens, scores, token_types = _vocabulary()
 
-    writer = gguf.GGUFWriter(path, "llama")
+    writer = gguf.GGUFWriter(path, architecture)
     writer.add_name(f"tiny-llama-{n_layer}x{n_embd}-{dtype}")
     writer.add_file_type(
         gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32
