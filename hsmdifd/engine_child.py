@@ -49,6 +49,66 @@ FALLBACK_TEMPLATE = (
 )
 
 
+class LlamaLog:
+    """The last error lines llama.cpp logged: its reason for refusing a file, which
+    llama-cpp-python's exception ("Failed to load model from file") leaves out."""
+
+    ERROR = 4  # GGML_LOG_LEVEL_ERROR
+    CONT = 5  # GGML_LOG_LEVEL_CONT: the line before goes on
+
+    def __init__(self, keep: int = 8) -> None:
+        self._keep = keep
+        self._lines: list[str] = []
+        self._level = 0
+        self._guard = threading.Lock()
+
+    def take(self, level: int, text: str) -> None:
+        if level == self.CONT:
+            level = self._level
+        self._level = level
+        if level != self.ERROR:
+            return
+        with self._guard:
+            if self._lines and not self._lines[-1].endswith("\n"):
+                self._lines[-1] += text
+            else:
+                self._lines.append(text)
+            del self._lines[: -self._keep]
+
+    def clear(self) -> None:
+        with self._guard:
+            self._lines.clear()
+
+    def reason(self) -> str:
+        """llama.cpp's own words for the last failure, or ''."""
+        with self._guard:
+            lines = [line.strip() for line in self._lines if line.strip()]
+        for line in lines:  # "llama_model_load: error loading model: <reason>"
+            _, found, reason = line.partition("error loading model: ")
+            if found:
+                return reason.strip()
+        return lines[0].partition(": ")[2] or lines[0] if lines else ""
+
+
+_llama_log = LlamaLog()
+
+
+def _listen_to_llama_cpp() -> None:
+    """Route llama.cpp's log lines to `_llama_log` (kept referenced: C calls it)."""
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+    def callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+        _llama_log.take(level, text.decode("utf-8", errors="replace"))
+
+    global _log_callback
+    _log_callback = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+_log_callback: Any = None
+
+
 def chat_template(metadata: dict[str, str]) -> str:
     """The model's own template, else a built-in one for its architecture."""
     if template := metadata.get("tokenizer.chat_template"):
@@ -145,6 +205,7 @@ class EngineServicer(pb_grpc.EngineServicer):
         result: list[_Loaded | BaseException] = []
 
         def run() -> None:
+            _llama_log.clear()
             try:
                 result.append(_load(request, progress))
             except BaseException as e:
@@ -157,9 +218,10 @@ class EngineServicer(pb_grpc.EngineServicer):
             yield pb.LoadEvent(progress=pb.LoadProgress(fraction=fraction, stage="weights"))
         outcome = result[0]
         if isinstance(outcome, BaseException):
+            reason = _llama_log.reason() or str(outcome)
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"llama.cpp could not load {request.model_path}: {outcome}",
+                f"llama.cpp could not load {request.model_path}: {reason}",
             )
         self._loaded = outcome
         yield pb.LoadEvent(
@@ -316,6 +378,7 @@ def main() -> None:
     parser.add_argument("--socket", required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="engine %(levelname)s %(message)s")
+    _listen_to_llama_cpp()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     pb_grpc.add_EngineServicer_to_server(EngineServicer(), server)
     server.add_insecure_port(f"unix:{args.socket}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
+from hsmdifd.engine_child import LlamaLog
 from hsmdifd.gguf_model import MIB, estimate_memory, read_model_shape
 from tests.tinymodel import write_tiny_llama
 
@@ -146,3 +147,16 @@ def test_synthetic_f32_estimate_matches_process_growth(tmp_path: Path) -> None:
     estimate = estimate_memory(read_model_shape(path), 2048).total / MIB
 
     assert abs(estimate - grown) <= 0.10 * grown
+
+
+def test_llama_cpps_reason_is_taken_from_its_log() -> None:
+    log = LlamaLog()
+    log.take(2, "llama_model_loader: loaded meta data\n")
+    log.take(4, "llama_model_load: error loading model: check_tensor_dims: tensor ")
+    log.take(5, "'blk.0.ffn_up.weight' has wrong shape\n")
+    log.take(4, "llama_model_load_from_file_impl: failed to load model\n")
+    assert log.reason() == "check_tensor_dims: tensor 'blk.0.ffn_up.weight' has wrong shape"
+    log.clear()
+    assert log.reason() == ""
+    log.take(4, "llama_init: something else went wrong\n")
+    assert log.reason() == "something else went wrong"

@@ -65,6 +65,8 @@ def test_a_refused_load_keeps_the_working_model(
     bad = refused_by_llama_cpp(tmp_path / "refused.gguf")
     r = daemon.ctl("load", str(bad))
     assert r.returncode == 1 and "llama.cpp could not load" in r.stderr, r.stderr
+    # llama.cpp's own reason, not llama-cpp-python's "Failed to load model from file".
+    assert "has wrong shape" in r.stderr and "Failed to load" not in r.stderr, r.stderr
     model = model_of(daemon)
     assert model["state"] == "ready" and model["path"] == str(tiny_model), model
     assert child_pids(daemon.proc.pid) == engine  # type: ignore[union-attr]
