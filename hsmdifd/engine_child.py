@@ -61,6 +61,7 @@ class LlamaLog:
         self._lines: list[str] = []
         self._level = 0
         self._guard = threading.Lock()
+        self.callback: Any = None  # the C callback feeding it, kept alive here
 
     def take(self, level: int, text: str) -> None:
         if level == self.CONT:
@@ -101,12 +102,8 @@ def _listen_to_llama_cpp() -> None:
     def callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
         _llama_log.take(level, text.decode("utf-8", errors="replace"))
 
-    global _log_callback
-    _log_callback = callback
+    _llama_log.callback = callback
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-
-
-_log_callback: Any = None
 
 
 def chat_template(metadata: dict[str, str]) -> str:
