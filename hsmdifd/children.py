@@ -49,6 +49,21 @@ async def stop_child(proc: asyncio.subprocess.Process) -> None:
             await proc.wait()
 
 
+OOM_SCORE_ADJ = 1000
+"""What a child tells the kernel's OOM killer: take me first. Children hold the model;
+the daemon holds the cluster and reports a child's death, then loads again."""
+
+
+def first_to_go_when_memory_runs_out() -> None:
+    """In a child: be the one the OOM killer ends, not the daemon (raising one's own
+    score needs no privilege)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(OOM_SCORE_ADJ))
+    except OSError:  # not Linux, or /proc is not there
+        pass
+
+
 def exit_when_parent_goes() -> NoReturn:
     """In a child: block until stdin (the pipe from the daemon) closes, then exit."""
     try:

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from hsmdifd.children import exit_when_parent_goes
+from hsmdifd.children import exit_when_parent_goes, first_to_go_when_memory_runs_out
 from hsmdifd.engine import PROMPT_BYTES_PER_TOKEN, prompt_bytes
 from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
@@ -375,6 +375,7 @@ def main() -> None:
     parser.add_argument("--socket", required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="engine %(levelname)s %(message)s")
+    first_to_go_when_memory_runs_out()
     _listen_to_llama_cpp()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     pb_grpc.add_EngineServicer_to_server(EngineServicer(), server)

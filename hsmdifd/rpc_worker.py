@@ -28,6 +28,7 @@ from typing import TextIO
 import psutil
 
 from hsmdifd import rpc, timing
+from hsmdifd.children import first_to_go_when_memory_runs_out
 
 log = logging.getLogger("hsmdifd.rpc_worker")
 
@@ -106,6 +107,7 @@ def _private_stdout() -> TextIO:
 
 
 def main(argv: list[str] | None = None) -> None:
+    first_to_go_when_memory_runs_out()
     parser = argparse.ArgumentParser(prog="hsmdifd.rpc_worker")
     parser.add_argument("--endpoint", required=True, help="IPv4:PORT to listen on")
     parser.add_argument("--cache-dir", type=Path, help="where to cache weight tensors")

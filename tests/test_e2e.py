@@ -92,6 +92,10 @@ def test_load_prompt_unload(daemon: Daemon, tiny_model: Path) -> None:
     pid_before = child_pids(daemon.proc.pid)  # type: ignore[union-attr]
     assert_prompt_works(daemon)
     assert child_pids(daemon.proc.pid) == pid_before  # type: ignore[union-attr]
+    # When memory runs out, the kernel ends the engine, not the daemon.
+    (engine,) = pid_before
+    assert Path(f"/proc/{engine}/oom_score_adj").read_text().strip() == "1000"
+    assert Path(f"/proc/{daemon.proc.pid}/oom_score_adj").read_text().strip() != "1000"  # type: ignore[union-attr]
 
     r = daemon.ctl("unload")
     assert r.returncode == 0 and "Unloaded" in r.stdout
