@@ -320,6 +320,10 @@ class Cluster:
         finally:
             self._forwarded.remove(forwarded)
 
+    def forwarded_to(self) -> frozenset[str]:
+        """The roots of the calls forwarded from here that are in flight."""
+        return frozenset(f.root_id for f in self._forwarded if not f.orphaned)
+
     def cancel_orphaned(self, live: set[str]) -> None:
         """Cancel the calls to a root that is no longer live."""
         for forwarded in self._forwarded:

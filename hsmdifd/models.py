@@ -140,6 +140,29 @@ class Models:
     def _busy(self) -> bool:
         return self.in_flight > 0 or self._lock.locked()
 
+    def busy(self) -> bool:
+        """An answer or a load is in flight."""
+        return self._busy()
+
+    def engine_up(self) -> bool:
+        """An engine is up here: loading, ready or failed."""
+        return self._engine.state != pb.IDLE
+
+    def after_change(self, live: frozenset[str]) -> Action:
+        """What the model plane would do after a change that left `live` (pure)."""
+        loaded = self._placer.loaded
+        placing = frozenset(h.node_id for h in self._placer.placing)
+        return after_change(loaded, placing, live, self._cluster.epoch(), self._busy())
+
+    async def step_down(self) -> None:
+        """Another device is root: unload, keeping the person's choice (this device
+        loads it again if it becomes root)."""
+        async with self._lock:
+            if self.in_flight:
+                return
+            log.info("no longer root: unloading %s", self._engine.info.path)
+            await self._placer.unload()
+
     async def lost_devices(self, live: set[str]) -> None:
         """A device holding layers is gone: unload, and the next prompt plans anew.
 

@@ -25,6 +25,7 @@ from hsmdifd.config import Config, ConfigError, load_config, with_overrides
 from hsmdifd.control_service import ControlService, add_control_service
 from hsmdifd.devices_file import load_devices_file
 from hsmdifd.engine import Engine
+from hsmdifd.follow import Follower
 from hsmdifd.leases import Leases
 from hsmdifd.membership import OPEN_METHODS, server_keepalive_options
 from hsmdifd.models import Models
@@ -200,7 +201,8 @@ class Daemon:
         if interval:
             self._tasks.append(asyncio.create_task(notify.watchdog_loop(interval)))
         self._tasks.append(asyncio.create_task(self._refresh_device()))
-        self._tasks.append(asyncio.create_task(self._follow_root()))
+        follower = Follower(cluster, models, self._leases)
+        self._tasks.append(asyncio.create_task(follower.run()))
         if secret:
             self._tasks.append(asyncio.create_task(self._notice_own_stalls()))
         log.info(
@@ -267,31 +269,6 @@ class Daemon:
             )
         await server.start()
         self._peer_server = server
-
-    async def _follow_root(self) -> None:
-        """Follow the cluster: end leases of a root that is gone, unload when no longer
-        root, re-plan when a device holding layers left or a better plan appeared."""
-        assert self.cluster is not None and self._models is not None
-        while True:
-            await self.cluster.changed.wait()
-            self.cluster.changed.clear()
-            try:
-                await self._follow_change(self.cluster, self._models)
-            except Exception:
-                log.exception("following a change in the cluster failed")
-
-    async def _follow_change(self, cluster: Cluster, models: Models) -> None:
-        live = cluster.live_ids()
-        cluster.cancel_orphaned(live)
-        if self._leases is not None:
-            await self._leases.holder_gone(live)
-        if not cluster.is_root:
-            if models.info.state != pb.IDLE and not models.in_flight:
-                log.info("no longer root: unloading %s", models.info.path)
-                await models.unload()
-            return
-        await models.lost_devices(live)
-        await models.replan()
 
     async def _refresh_device(self) -> None:
         """Keep this device's figures current, measured off the loop."""
