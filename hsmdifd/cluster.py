@@ -20,7 +20,7 @@ from hsmdifd import auth, election, planner, relay, rpc_protocol, timing, tls
 from hsmdifd.config import Config
 from hsmdifd.discovery import Discovery, Hint, encode_txt
 from hsmdifd.errors import RequestError
-from hsmdifd.membership import PROTOCOL_VERSION, Membership
+from hsmdifd.membership import PROTOCOL_VERSION, Event, Membership, Seen
 from hsmdifd.node import Identity
 from hsmdifd.policy import describe_policy, load_policy, policy_from_pb, policy_to_pb, save_policy
 from hsmdifd.proto import hsmdif_pb2 as pb
@@ -102,8 +102,7 @@ class Cluster:
             node_id=self.identity.node_id,
             secret=self._secret,
             local_status=self.local_status,
-            on_change=self._recompute,
-            on_status=self.observe,
+            on_event=self._handle,
             heartbeat_interval=timing.heartbeat_interval,
             dead_after=timing.dead_after,
             credentials=tls.channel_credentials(self._tls) if self._tls else None,
@@ -269,11 +268,15 @@ class Cluster:
         return True
 
     def observe(self, status: pb.PeerStatus) -> None:
-        """A peer's status (its heartbeat or its answer to ours)."""
-        if self.membership is None:
-            return
-        self.membership.observe(status)
-        if status.policy.version > self.policy.version:
+        """A peer's heartbeat to this device."""
+        if self.membership is not None:
+            self.membership.observe(status)
+
+    def _handle(self, event: Event) -> None:
+        """What membership saw: a peer's status carries its policy and whom it names as
+        root; any event may change the root."""
+        if isinstance(event, Seen) and event.status.policy.version > self.policy.version:
+            status = event.status
             self.adopt_policy(status.policy, status.device.name or status.device.id)
         self._recompute()
 

@@ -4,7 +4,10 @@ Every known address (from mDNS hints and static peers) gets a heartbeat task.
 It first asks the address to prove it holds the cluster secret (`Peer.Hello`); only
 then does it call `Peer.Status` with this device's own status, each call with a proof
 bound to the device that answered the challenge. A peer's heartbeats to us count as
-well, and its status, from either direction, goes to one subscriber (`on_status`).
+well. Membership tells one subscriber what happened, as typed events: `Seen` (a
+peer's status, from a heartbeat either way: an answer to ours is handled as theirs),
+`LiveChanged` (the set of live peers is another) and `DuplicateId` (this device's id
+is another's, which started first).
 A peer is alive while it answered within two heartbeat intervals, suspect after that,
 dead after `dead_after` seconds or at once on an mDNS goodbye. What the election uses
 comes from the peer's own status.
@@ -61,6 +64,31 @@ class PeerRecord:
     first_seen: float = 0.0  # monotonic time the address became known
 
 
+@dataclass(frozen=True)
+class Seen:
+    """A peer's status arrived: in its heartbeat to us, or in its answer to ours."""
+
+    status: pb.PeerStatus
+
+
+@dataclass(frozen=True)
+class LiveChanged:
+    """The live peers are now `live`; `generation` counts such changes."""
+
+    live: frozenset[str]
+    generation: int
+
+
+@dataclass(frozen=True)
+class DuplicateId:
+    """This device's node id is also used at `address`, by a daemon that started first."""
+
+    address: str
+
+
+Event = Seen | LiveChanged | DuplicateId
+
+
 @dataclass
 class _Link:
     channel: grpc.aio.Channel
@@ -104,10 +132,9 @@ class Membership:
         node_id: str,
         secret: bytes,
         local_status: Callable[[], pb.PeerStatus],
-        on_change: Callable[[], None],
+        on_event: Callable[[Event], None],
         heartbeat_interval: float,
         dead_after: float,
-        on_status: Callable[[pb.PeerStatus], None] | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         channel_extra: Sequence[tuple[str, Any]] = (),
         unproven_timeout: float = 30.0,
@@ -116,8 +143,7 @@ class Membership:
         self._node_id = node_id
         self._secret = secret
         self._local_status = local_status
-        self._on_change = on_change
-        self._on_status = on_status or self.observe
+        self._on_event = on_event
         self._credentials = credentials
         self._channel_extra = list(channel_extra)
         self.interval = heartbeat_interval
@@ -204,7 +230,7 @@ class Membership:
         if live != self._live:
             self._live = live
             self.generation += 1
-            self._on_change()
+            self._on_event(LiveChanged(live, self.generation))
 
     # ---- inputs ------------------------------------------------------------------
 
@@ -332,6 +358,7 @@ class Membership:
         record.reason = ""
         record.gone = False
         self.refresh()
+        self._on_event(Seen(status))
 
     def _duplicate(self, other: pb.PeerStatus) -> None:
         mine = self._local_status()
@@ -348,7 +375,7 @@ class Membership:
                     other.device.address,
                 )
             self.duplicate_of = other.device.address
-            self._on_change()
+            self._on_event(DuplicateId(other.device.address))
 
     def _mark(self, address: str, state: MemberState, reason: str) -> None:
         record = self._peers.setdefault(address, PeerRecord(address=address))
@@ -434,7 +461,7 @@ class Membership:
                     return
                 if reply.device.address != address:
                     record.alias_of = reply.device.address
-                self._on_status(reply)
+                self.observe(reply)
             await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
 
     async def _forget(self, address: str) -> None:

@@ -15,7 +15,7 @@ from hsmdifd.config import Config, ConfigError, with_overrides
 from hsmdifd.devices_file import load_devices_file
 from hsmdifd.discovery import TXT_LIMIT, encode_txt, parse_hint
 from hsmdifd.election import MemberState
-from hsmdifd.membership import PROTOCOL_VERSION, Membership, StallFreeClock
+from hsmdifd.membership import PROTOCOL_VERSION, LiveChanged, Membership, StallFreeClock
 from hsmdifd.node import Identity
 from hsmdifd.proto import hsmdif_pb2 as pb
 from tests.conftest import run_ctl
@@ -115,7 +115,7 @@ def test_membership_states() -> None:
             node_id=NODE,
             secret=b"s" * 32,
             local_status=lambda: me,
-            on_change=lambda: changes.append(1),
+            on_event=lambda event: changes.append(1) if isinstance(event, LiveChanged) else None,
             heartbeat_interval=0.05,
             dead_after=0.2,
         )
