@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -86,7 +87,7 @@ class _ClusterCollector(Collector):
             labels=["device"],
         )
         if model.state == pb.READY:
-            name = model.name or model.path
+            name = Path(model.path).stem  # the model's id in the HTTP API
             loaded.add_metric([name], 1)
             load_seconds.add_metric([name], model.load_seconds)
             for share in model.plan.devices:
