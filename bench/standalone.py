@@ -85,6 +85,8 @@ def start_daemon(directory: Path, threads: int) -> subprocess.Popen[bytes]:
             "--state-dir",
             str(cache_dir()),
             "--no-mdns",
+            "--http",
+            "off",
         ],
         stderr=subprocess.DEVNULL,
     )

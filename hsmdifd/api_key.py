@@ -35,6 +35,22 @@ def is_loopback(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
+def api_key_for(listen: str, key_file: str) -> bytes | None:
+    """The key the HTTP API asks for (None: none); ApiKeyError when `listen` can be
+    reached from other machines and no key is set, or the key file is unusable."""
+    if not listen:
+        return None
+    if key_file:
+        return load_key(Path(key_file))
+    host = listen.rpartition(":")[0].strip("[]")
+    if not is_loopback(host):
+        raise ApiKeyError(
+            f"the HTTP API would listen on {listen}, which other machines can reach, "
+            f"without a key: {MAKE_HINT}; or listen on 127.0.0.1"
+        )
+    return None
+
+
 def write_key_file(path: Path) -> str:
     """Write a new key to `path` (mode 0600, never over an existing file); return it."""
     key = secrets.token_hex(32)

@@ -221,6 +221,19 @@ class HttpApi:
                 code="model_not_found",
             )
 
+    async def _default_if_named(self, name: str) -> None:
+        """Load the default model when it is the one named and another is loaded (the
+        only load HTTP makes: never a path of the client's choosing)."""
+        info = self._router.model_info()
+        if info.state != pb.READY or name == model_id(info.path):
+            return  # what is loaded, or nothing, which loads the default anyway
+        log.info("an HTTP request names the default model %s: loading it", name)
+        try:
+            async for _ in self._router.load(pb.LoadRequest()):
+                pass
+        except RequestError as e:
+            raise from_request_error(e, "model") from None
+
     async def models(self, request: web.Request) -> web.Response:
         now = int(time.time())
         return web.json_response(
@@ -282,6 +295,7 @@ class HttpApi:
         except BadRequest as e:
             raise ApiError(400, str(e), param=e.param) from None
         self._check_model(parsed.model)
+        await self._default_if_named(parsed.model)
         generate = openai_shapes.generate_request(parsed)
         try:
             check_generate(generate)

@@ -230,17 +230,10 @@ class Daemon:
         address = api_address(api.listen)
         if address is None:
             raise StartupError(f"[api] listen {api.listen!r}: give ADDRESS:PORT, or empty")
-        if api.api_key_file:
-            try:
-                return api_key.load_key(Path(api.api_key_file))
-            except api_key.ApiKeyError as e:
-                raise StartupError(str(e)) from e
-        if not api_key.is_loopback(address[0]):
-            raise StartupError(
-                f"the HTTP API would listen on {api.listen}, which other machines can reach, "
-                f"without a key: {api_key.MAKE_HINT}; or listen on 127.0.0.1"
-            )
-        return None
+        try:
+            return api_key.api_key_for(api.listen, api.api_key_file)
+        except api_key.ApiKeyError as e:
+            raise StartupError(str(e)) from e
 
     def _default_model_id(self) -> str:
         model = self.config.model.default

@@ -315,3 +315,14 @@ def test_a_base_model_completes_the_prompt_and_says_so(
     )
     assert chat.choices[0].message.content is not None
     assert d.log().count("not instruction-tuned") == 1
+
+
+def test_naming_the_default_model_loads_it(api: Daemon, short_dir: Path) -> None:
+    other = write_tiny_llama(short_dir / "other.gguf")
+    assert api.ctl("load", str(other)).returncode == 0
+    c = client(api)
+    assert [m.id for m in c.models.list().data] == ["other", "tiny"]
+    c.completions.create(model="other", prompt="once", max_tokens=2)
+    assert "other.gguf" in api.ctl("status").stdout
+    c.completions.create(model="tiny", prompt="once", max_tokens=2)
+    assert "tiny.gguf" in api.ctl("status").stdout
