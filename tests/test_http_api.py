@@ -8,15 +8,19 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Daemon, MakeDaemon, run_hsmdifd, slow_model
+from hsmdifd.proto import hsmdif_pb2 as pb
+from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
+from tests.conftest import Daemon, MakeDaemon, run_ctl, run_hsmdifd, slow_model
 from tests.tinymodel import write_tiny_llama
 
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something"}]
@@ -224,15 +228,41 @@ def slow_api(make_daemon: MakeDaemon, short_dir: Path) -> Iterator[Daemon]:
 LONG = {"model": "slow", "prompt": "once upon", "max_tokens": 1500, "temperature": 0}
 
 
-def test_a_client_that_goes_away_frees_the_engine(slow_api: Daemon) -> None:
+def status(d: Daemon) -> dict[str, Any]:
+    r = d.ctl("--json", "status", timeout=10)
+    assert r.returncode == 0, r.stderr
+    result: dict[str, Any] = json.loads(r.stdout)
+    return result
+
+
+def in_flight(d: Daemon) -> int:
+    """The root's requests in flight, asked over the control socket (fast enough to time)."""
+    with grpc.insecure_channel(f"unix:{d.socket}") as channel:
+        return pb_grpc.ControlStub(channel).Status(pb.StatusRequest(), timeout=5).in_flight
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.05)
+
+
+def test_a_client_that_goes_away_frees_the_engine_at_once(slow_api: Daemon) -> None:
     c = conn(slow_api)
     c.request("POST", "/v1/completions", json.dumps({**LONG, "stream": True}))
     r = c.getresponse()
-    assert r.status == 200
-    assert r.fp is not None
+    assert r.status == 200 and r.fp is not None
     r.fp.readline()  # the first event has come: the engine is answering
+    assert in_flight(slow_api) == 1
+    assert c.sock is not None
     c.sock.shutdown(socket.SHUT_RDWR)
     c.close()
+    left = time.monotonic()
+    wait_for(lambda: in_flight(slow_api) == 0, 5)
+    freed = time.monotonic() - left
+    print(f"the engine was free {1000 * freed:.0f} ms after the client left")
+    assert freed < 0.1
     started = time.monotonic()
     answer = client(slow_api).completions.create(
         model="slow", prompt="hi", max_tokens=2, temperature=0
@@ -242,31 +272,33 @@ def test_a_client_that_goes_away_frees_the_engine(slow_api: Daemon) -> None:
 
 
 def test_a_full_queue_is_a_503_with_retry_after(slow_api: Daemon) -> None:
+    """max_queue = 1: one answering, one waiting, the third refused (HTTP and gRPC)."""
     results: list[tuple[int, dict[str, str], bytes]] = []
 
     def ask() -> None:
-        results.append(post(slow_api, "/v1/completions", {**LONG, "max_tokens": 300}))
+        results.append(post(slow_api, "/v1/completions", LONG))
 
-    threads = [threading.Thread(target=ask) for _ in range(3)]
+    threads = [threading.Thread(target=ask) for _ in range(2)]
     for t in threads:
         t.start()
-        time.sleep(0.3)  # in this order: one answering, one waiting, one refused
-    for t in threads:
-        t.join(120)
-    statuses = sorted(status for status, _, _ in results)
-    assert statuses == [200, 200, 503], [r[2][:200] for r in results]
-    (refused,) = [r for r in results if r[0] == 503]
-    assert refused[1]["Retry-After"].isdigit()
-    assert "queue is full" in json.loads(refused[2])["error"]["message"]
+    wait_for(lambda: status(slow_api)["queued"] == 1)
+    with grpc.insecure_channel(f"unix:{slow_api.socket}") as channel:
+        busy = time.monotonic()
+        reply = pb_grpc.ControlStub(channel).Status(pb.StatusRequest(), timeout=5)
+        assert time.monotonic() - busy < 1.0  # status answers while the engine is busy
+    assert (reply.in_flight, reply.queued, reply.max_queue) == (1, 1, 1)
+    assert "1 in flight, 1 waiting" in slow_api.ctl("status").stdout
+    code, headers, body = post(slow_api, "/v1/completions", {**LONG, "max_tokens": 2})
+    assert code == 503 and headers["Retry-After"].isdigit()
+    assert "queue is full" in json.loads(body)["error"]["message"]
     with pytest.raises(openai.APIStatusError) as e:  # as the SDK sees it
-        threads = [threading.Thread(target=ask) for _ in range(2)]
-        for t in threads:
-            t.start()
-        time.sleep(0.3)
         client(slow_api).completions.create(model="slow", prompt="hi", max_tokens=2)
     assert e.value.status_code == 503
+    cli = slow_api.ctl("prompt", "hi", "--max-tokens", "2")  # gRPC: RESOURCE_EXHAUSTED
+    assert cli.returncode == 1 and "queue is full" in cli.stderr
     for t in threads:
         t.join(120)
+    assert sorted(code for code, _, _ in results) == [200, 200]
 
 
 def test_a_reachable_listen_needs_a_key(make_daemon: MakeDaemon, short_dir: Path) -> None:
@@ -281,8 +313,6 @@ def test_a_reachable_listen_needs_a_key(make_daemon: MakeDaemon, short_dir: Path
 
 def test_with_a_key_a_request_without_it_is_401(make_daemon: MakeDaemon, short_dir: Path) -> None:
     key_file = short_dir / "api.key"
-    from tests.conftest import run_ctl
-
     made = run_ctl("api-key", "--out", str(key_file))
     assert made.returncode == 0, made.stderr
     key = key_file.read_text().strip()
