@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -20,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
-from tests.conftest import Daemon, MakeDaemon, run_ctl, run_hsmdifd, slow_model
+from tests.conftest import Daemon, MakeDaemon, child_pids, run_ctl, run_hsmdifd, slow_model
 from tests.tinymodel import write_tiny_llama
 
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something"}]
@@ -356,3 +358,46 @@ def test_naming_the_default_model_loads_it(api: Daemon, short_dir: Path) -> None
     assert "other.gguf" in api.ctl("status").stdout
     c.completions.create(model="tiny", prompt="once", max_tokens=2)
     assert "tiny.gguf" in api.ctl("status").stdout
+
+
+def test_an_engine_that_dies_is_a_500_with_its_sentence(slow_api: Daemon) -> None:
+    assert slow_api.proc is not None
+    (engine,) = child_pids(slow_api.proc.pid)
+    failed: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            client(slow_api).completions.create(
+                model="slow", prompt="once upon", max_tokens=1500, temperature=0
+            )
+        except openai.APIStatusError as e:
+            failed.append(e)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    wait_for(lambda: in_flight(slow_api) == 1)
+    time.sleep(0.2)  # the answer is under way
+    os.kill(engine, signal.SIGKILL)
+    asker.join(60)
+    (error,) = failed
+    assert isinstance(error, openai.InternalServerError) and error.status_code == 500
+    assert "engine process died" in error.message and "SIGKILL" in error.message
+
+
+def test_cors_preflight_and_origin(make_daemon: MakeDaemon) -> None:
+    d = start_with_http(make_daemon(extra='[api]\ncors_origins = ["http://ui.lan"]\n'))
+    c = conn(d)
+    headers = {
+        "Origin": "http://ui.lan",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    c.request("OPTIONS", "/v1/chat/completions", headers=headers)
+    r = c.getresponse()
+    r.read()
+    assert r.status == 204 and r.getheader("Access-Control-Allow-Origin") == "http://ui.lan"
+    assert "authorization" in (r.getheader("Access-Control-Allow-Headers") or "")
+    c.request("GET", "/v1/models", headers={"Origin": "http://elsewhere"})
+    r = c.getresponse()
+    r.read()
+    assert r.status == 200 and r.getheader("Access-Control-Allow-Origin") is None
