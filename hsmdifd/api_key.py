@@ -11,8 +11,9 @@ import socket
 from pathlib import Path
 
 MAKE_HINT = (
-    "make a key with `hsmdifctl api-key --out /etc/hsmdif/api.key` (or `head -c 32 "
-    "/dev/urandom | xxd -p -c 64 > FILE; chmod 600 FILE`) and set api_key_file in [api]"
+    "make a key with `hsmdifctl api-key --out /etc/hsmdif/api.key` (or `python3 -c "
+    "'import secrets; print(secrets.token_hex(32))' > FILE; chmod 600 FILE`) and set "
+    "api_key_file in [api]"
 )
 
 

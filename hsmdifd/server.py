@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import grp
 import logging
 import os
@@ -405,8 +406,10 @@ class Daemon:
             for key in ("control", "state", "network"):
                 if getattr(new, key) != getattr(self.config, key):
                     log.warning("[%s] changed: takes effect when hsmdifd restarts", key)
-            if new.api != self.config.api and new.api.max_queue == self.config.api.max_queue:
-                log.warning("[api] changed: takes effect when hsmdifd restarts")
+            if dataclasses.replace(new.api, max_queue=0) != dataclasses.replace(
+                self.config.api, max_queue=0
+            ):
+                log.warning("[api] changed: takes effect when hsmdifd restarts (max_queue: now)")
             self.config = new
             if self._router is not None:
                 self._router.queue.resize(new.api.max_queue)
