@@ -55,13 +55,14 @@ $(VENV)/.ready: pyproject.toml | deps
 	@touch $@
 
 # The main job: a real daemon in the background on a temporary socket, the bundled
-# model loaded, one prompt streamed to the terminal, the daemon stopped.
-DEMO_PROMPT ?= Write one sentence about the sea.
+# model loaded, one prompt streamed to the terminal, the daemon stopped. The bundled
+# Gemma 3 270M is a base model: it continues text, so the prompt is a text to continue.
+DEMO_PROMPT ?= The lighthouse keeper climbed the stairs one last time. At the top, she
 DEMO_STATE ?= $(CACHE_HOME)/hsmdif/demo-state
 demo: venv
 	@tmp=$$(mktemp -d /tmp/hsmdif-demo.XXXXXX); ctl="$(VENV)/bin/hsmdifctl --socket $$tmp/control.sock"; \
 	$(VENV)/bin/hsmdifd --socket $$tmp/control.sock --state-dir "$(DEMO_STATE)" --no-mdns \
-	  2>$$tmp/hsmdifd.log & pid=$$!; \
+	  --http off 2>$$tmp/hsmdifd.log & pid=$$!; \
 	trap 'kill -TERM $$pid 2>/dev/null; wait $$pid; rm -rf $$tmp' EXIT; \
 	for i in $$(seq 300); do $$ctl status >/dev/null 2>&1 && break; \
 	  kill -0 $$pid 2>/dev/null || { cat $$tmp/hsmdifd.log; exit 1; }; sleep 0.1; done; \

@@ -292,7 +292,7 @@ class BenchDaemon(Daemon):
         self.notify = NotifySocket(self.dir / f"notify-{time.monotonic_ns()}.sock")
         cmd = [sys.executable, "-m", "hsmdifd", "--config", str(self.config)]
         cmd += ["--socket", str(self.socket), "--state-dir", str(self.state_dir)]
-        cmd += [*([] if self.mdns else ["--no-mdns"]), *self.extra_args]
+        cmd += [*([] if self.mdns else ["--no-mdns"]), "--http", "off", *self.extra_args]
         full_env = {**os.environ, "NOTIFY_SOCKET": str(self.notify.path), **(env or {})}
         if self.host is not None:
             cmd = self.host.command(cmd)

@@ -33,6 +33,7 @@ from typing import Any
 import psutil
 
 from hsmdifd import rpc
+from hsmdifd.engine_child import REPEAT_LAST_N, REPEAT_PENALTY
 
 PROMPT = "once upon a time"
 
@@ -44,7 +45,9 @@ def generate(llm: Any, tokens: int, text: str = PROMPT) -> dict[str, float]:
     start = time.perf_counter()
     first = 0.0
     produced = 0
-    for _token in llm.generate(prompt, temp=0.0, top_k=40, top_p=0.95, min_p=0.05):
+    for _token in llm.generate(
+        prompt, temp=0.0, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=REPEAT_PENALTY
+    ):
         produced += 1
         if produced == 1:
             first = time.perf_counter()
@@ -94,6 +97,7 @@ def main() -> None:
                 n_ctx=args.n_ctx,
                 n_threads=args.threads,
                 n_threads_batch=args.threads,
+                last_n_tokens_size=REPEAT_LAST_N,
                 verbose=args.verbose,
             )
             reply: dict[str, float] = {"load_seconds": time.perf_counter() - started}

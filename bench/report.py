@@ -416,6 +416,37 @@ def findings(results: dict[str, Any]) -> str:
     return "\n".join(f"- {n}" for n in notes) if notes else "- (none)"
 
 
+def api_text(a: dict[str, Any]) -> str:
+    """bench.api: the HTTP API against hsmdifctl prompt, and under concurrent streams."""
+    rows = [
+        "| path | TTFT ms | decode tokens/s | decode ratio | TTFT overhead ms |",
+        "| --- | --- | --- | --- | --- |",
+        f"| hsmdifctl prompt --raw | {a['cli_ttft_ms']:.1f} | {a['cli_tokens_per_s']:.2f} | | |",
+    ]
+    for key, label in (("completions", "/v1/completions"), ("chat", "/v1/chat/completions")):
+        rows.append(
+            f"| {label}, streamed | {a[f'{key}_ttft_ms']:.1f} | {a[f'{key}_tokens_per_s']:.2f} "
+            f"| {a[f'{key}_decode_ratio']:.3f} | {a[f'{key}_ttft_overhead_ms']:+.1f} |"
+        )
+    rows += [
+        "",
+        "| concurrent streams | aggregate tokens/s | p50 TTFT ms | p99 TTFT ms |",
+        "| --- | --- | --- | --- |",
+    ]
+    for n, c in a["concurrent"].items():
+        rows.append(
+            f"| {n} | {c['aggregate_tokens_per_s']:.2f} | {c['p50_ttft_ms']:.1f} "
+            f"| {c['p99_ttft_ms']:.1f} |"
+        )
+    return (
+        f"{a['model']}, {a['threads']} threads, {a['tokens']} tokens, {a['reps']} runs each, "
+        "greedy, timed at the client. /v1/completions takes the same raw prompt as "
+        "hsmdifctl prompt --raw; /v1/chat/completions puts it in chat turns (a different "
+        "prompt and answer). Concurrent streams wait in the root's one queue: TTFT grows "
+        "with the streams ahead.\n\n" + "\n".join(rows)
+    )
+
+
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("Standalone", "standalone", standalone_text),
     ("Distributed", "distributed", distributed_text),
@@ -424,6 +455,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("Memory", "memory", memory_text),
     ("Memory-bandwidth limit", "limit", limit_text),
     ("Control plane", "control", control_text),
+    ("HTTP API", "api", api_text),
 ]
 
 

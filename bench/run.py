@@ -55,6 +55,7 @@ STEPS: dict[str, Step] = {
     "scaling": Step(["--reps", "11", "--tokens", "64"], ["--quick"], True, (600, 90)),
     "memory": Step([], ["--quick"], True, (300, 30)),
     "limit": Step(["--reps", "7", "--tokens", "96"], ["--quick"], False, (300, 50)),
+    "api": Step([], ["--quick"], False, (720, 60)),
 }
 INTERRUPT_GRACE = 60.0  # seconds a benchmark gets to tear its hosts down after SIGINT
 

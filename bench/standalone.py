@@ -23,6 +23,7 @@ from typing import Any
 
 from bench.llama_rpc import generate
 from hsmdifd.bundled import ensure_bundled_model
+from hsmdifd.engine_child import REPEAT_LAST_N
 
 ROOT = Path(__file__).parent.parent
 RESULTS = ROOT / "bench" / "results.json"
@@ -85,6 +86,8 @@ def start_daemon(directory: Path, threads: int) -> subprocess.Popen[bytes]:
             "--state-dir",
             str(cache_dir()),
             "--no-mdns",
+            "--http",
+            "off",
         ],
         stderr=subprocess.DEVNULL,
     )
@@ -120,6 +123,7 @@ def main() -> None:
         n_ctx=CONTEXT,
         n_threads=args.threads,
         n_threads_batch=args.threads,
+        last_n_tokens_size=REPEAT_LAST_N,
         verbose=False,
     )
     direct: list[tuple[float, float]] = []

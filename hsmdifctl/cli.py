@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster_sub = cluster.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
     init = cluster_sub.add_parser("init", help="write a new cluster secret")
     init.add_argument("--out", required=True, type=Path, metavar="FILE")
+    key = sub.add_parser("api-key", help="write a new key for the HTTP API")
+    key.add_argument("--out", required=True, type=Path, metavar="FILE")
 
     load = sub.add_parser("load", parents=[common], help="load a model (default: the bundled one)")
     load.add_argument("model", nargs="?", default="", metavar="MODEL", help="path to a .gguf file")
@@ -172,6 +174,7 @@ class Session:
     path: Path = field(default_factory=Path)
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
+    told: set[str] = field(default_factory=set)  # notices already shown
 
     def call(self, method: Callable[..., Any], request: Any) -> Any:
         """A unary call that gives up, with Unreachable, on a daemon that stops answering."""
@@ -294,6 +297,10 @@ def stream(
             elif kind == "loading":
                 progress.update(event.loading.fraction, event.loading.stage)
                 started = time.perf_counter()
+            elif kind == "notice" and event.notice not in s.told:
+                s.told.add(event.notice)
+                progress.clear()
+                print(f"hsmdifctl: {event.notice}", file=s.err)
             elif kind == "done":
                 return client_timings(event.done, started, first, time.perf_counter())
     except KeyboardInterrupt:
@@ -350,7 +357,10 @@ def cmd_prompt(s: Session, args: argparse.Namespace) -> None:
     if args.raw:
         request = pb.GenerateRequest(prompt=text, raw=True)
     else:
-        request = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content=text)])
+        # A base model (no chat template of its own) completes the text as written.
+        request = pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content=text)], complete_if_base=True
+        )
     pieces: list[str] = []
 
     def show(piece: str) -> None:
@@ -487,11 +497,31 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(problem)
 
 
+def api_key_init(out: Path) -> int:
+    """Write a new HTTP API key; no daemon needed."""
+    from hsmdifd.api_key import ApiKeyError, write_key_file
+
+    try:
+        write_key_file(out)
+    except ApiKeyError as e:
+        print(f"hsmdifctl: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"Wrote a new HTTP API key to {out} (mode 0600).\n"
+        f'Set api_key_file = "{out}" in [api] of hsmdifd.toml, make the file readable by\n'
+        f"hsmdifd (chown hsmdif: {out}) and restart hsmdifd. Clients send it as\n"
+        "  Authorization: Bearer KEY   (the openai SDK: api_key=KEY)"
+    )
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "cluster":
             return cluster_init(args.out)
+        if args.command == "api-key":
+            return api_key_init(args.out)
         check_arguments(args)
         return run(args)
     except UsageError as e:

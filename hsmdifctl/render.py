@@ -49,6 +49,9 @@ def status_dict(reply: pb.StatusReply) -> dict[str, Any]:
         "role": reply.role,
         "root": reply.root_name,
         "generating": reply.generating,
+        "queued": reply.queued,
+        "in_flight": reply.in_flight,
+        "max_queue": reply.max_queue,
         "address": reply.address,
         "version": reply.version,
         "uptime_seconds": round(reply.uptime_seconds, 1),
@@ -68,11 +71,17 @@ def status_dict(reply: pb.StatusReply) -> dict[str, Any]:
     }
 
 
+def queue_text(reply: pb.StatusReply) -> str:
+    bound = f" (at most {reply.max_queue})" if reply.max_queue else ""
+    return f"{reply.in_flight} in flight, {reply.queued} waiting{bound}"
+
+
 def status_text(reply: pb.StatusReply) -> str:
     lines = [
         f"node:    {reply.name} ({reply.node_id})",
         f"role:    {reply.role}",
         f"root:    {reply.root_name}{', answering' if reply.generating else ''}",
+        f"queue:   {queue_text(reply)}",
         f"address: {reply.address}",
         f"policy:  version {reply.policy.version}, {policy_text(reply.policy)}",
     ]

@@ -13,6 +13,7 @@ import os
 import stat
 from pathlib import Path
 
+from hsmdifd.api_key import ApiKeyError, api_key_for
 from hsmdifd.auth import SecretError, load_secret
 from hsmdifd.config import Config, ConfigError
 from hsmdifd.devices_file import load_devices_file
@@ -22,7 +23,7 @@ from hsmdifd.gguf_model import ModelFileError, read_model_shape
 def check_config(config: Config) -> list[str]:
     """Every problem with what `config` points at; empty when the daemon can start with it."""
     problems: list[str] = []
-    for check in (check_devices, check_secret, check_model, check_directories):
+    for check in (check_devices, check_secret, check_model, check_directories, check_api):
         problems += check(config)
     return problems
 
@@ -42,6 +43,14 @@ def check_devices(config: Config) -> list[str]:
             "secret: set secret_file under [cluster] (or give --secret-file)"
         )
     return problems
+
+
+def check_api(config: Config) -> list[str]:
+    try:
+        api_key_for(config.api.listen, config.api.api_key_file)
+    except ApiKeyError as e:
+        return [f"api: {e}"]
+    return []
 
 
 def check_secret(config: Config) -> list[str]:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from hsmdifd import __version__
-from hsmdifd.config import Config, ConfigError, load_config, with_overrides
+from hsmdifd.config import Config, ConfigError, api_address, load_config, with_overrides
 from hsmdifd.notify import setup_logging
 
 log = logging.getLogger("hsmdifd")
@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="ADDRESS", help="peer service listen address")
     p.add_argument("--advertise", metavar="ADDRESS", help="the address peers reach this device on")
     p.add_argument(
+        "--http",
+        metavar="ADDRESS:PORT",
+        help='the OpenAI-compatible HTTP API (default 127.0.0.1:9998); "off" turns it off',
+    )
+    p.add_argument(
         "--check-config", action="store_true", help="validate the configuration and exit"
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -53,10 +58,13 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, object]]
         "network_advertise_address": args.advertise,
         "cluster_secret_file": args.secret_file,
         "cluster_devices_file": args.devices,
+        "api_listen": None if args.http is None else "" if args.http == "off" else args.http,
     }
     config = with_overrides(load_config(args.config), **overrides)
     if not 0 < config.network.port < 65536:
         raise ConfigError(f"--port {config.network.port}: give a port between 1 and 65535")
+    if config.api.listen and api_address(config.api.listen) is None:
+        raise ConfigError(f"--http {config.api.listen}: give ADDRESS:PORT, or off")
     return config, overrides
 
 

@@ -90,6 +90,22 @@ class ModelConfig:
     """How layers are split over devices: "capacity" or "latency"."""
 
 
+DEFAULT_API_LISTEN = "127.0.0.1:9998"
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    listen: str = DEFAULT_API_LISTEN
+    """ADDRESS:PORT of the OpenAI-compatible HTTP API; empty turns it off."""
+    api_key_file: str = ""
+    """A file holding the key clients send as `Authorization: Bearer KEY`; needed
+    unless `listen` is a loopback address."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins a browser page may call the API from ("*" for any)."""
+    max_queue: int = 64
+    """Requests that may wait at the root for the model before more are refused."""
+
+
 @dataclass(frozen=True)
 class TimingConfig:
     heartbeat_interval: float = timing.HEARTBEAT_INTERVAL
@@ -108,6 +124,7 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
 
     # Derived values, resolved against the environment.
@@ -245,10 +262,24 @@ def _validate(config: Config, file: str) -> None:
             '\'cluster.data_plane\' must be "tls" or "plain"',
         ),
         (config.timing.shutdown_grace >= 0, "'timing.shutdown_grace' must be >= 0"),
+        (config.api.max_queue >= 0, "'api.max_queue' must be 0 (no waiting) or more"),
+        (
+            not config.api.listen or api_address(config.api.listen) is not None,
+            f"'api.listen' must be ADDRESS:PORT or empty (got {config.api.listen!r})",
+        ),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{file}: {message}")
+
+
+def api_address(listen: str) -> tuple[str, int] | None:
+    """(host, port) of an `[api] listen` value; None when it is not ADDRESS:PORT."""
+    host, sep, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
 
 
 def with_overrides(config: Config, **overrides: Any) -> Config:

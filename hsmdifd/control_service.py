@@ -213,6 +213,7 @@ class ControlService(pb_grpc.ControlServicer):
             )
         elif not cluster.enabled:
             warning = "no cluster secret: this device runs alone (see hsmdifctl cluster init)"
+        queued, in_flight, max_queue = self._router.load_counts()
         return pb.StatusReply(
             node_id=cluster.identity.node_id,
             name=cluster.identity.name,
@@ -226,6 +227,9 @@ class ControlService(pb_grpc.ControlServicer):
             policy=cluster.policy_for_people(),
             warning=warning,
             generating=self._router.generating(),
+            queued=queued,
+            in_flight=in_flight,
+            max_queue=max_queue,
         )
 
     async def Devices(self, request: pb.DevicesRequest, context: Context) -> pb.DevicesReply:

@@ -148,6 +148,34 @@ def _cancelled_itself() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+def base_model_request(request: pb.GenerateRequest, name: str) -> tuple[pb.GenerateRequest, str]:
+    """How a model without a chat template of its own (a base model) takes `request`,
+    and the sentence that says so: a prompt is completed as written; a conversation
+    still goes through chat turns, which such a model follows poorly."""
+    prompt = request.raw or (
+        request.complete_if_base
+        and len(request.messages) == 1
+        and request.messages[0].role == "user"
+    )
+    if not prompt:
+        return request, (
+            f"{name} is not instruction-tuned (its file has no chat template): the "
+            "conversation is put in chat turns it was not trained on, so answers may read "
+            "poorly; for such a model, a prompt to complete works better"
+        )
+    if not request.raw:
+        as_written = pb.GenerateRequest()
+        as_written.CopyFrom(request)
+        as_written.ClearField("messages")
+        as_written.prompt = request.messages[0].content
+        as_written.raw = True
+        request = as_written
+    return request, (
+        f"{name} is not instruction-tuned (its file has no chat template): it continues "
+        "the prompt as written rather than answering it"
+    )
+
+
 class Engine:
     """Supervises the engine child; every public method is loop-safe.
 
@@ -270,6 +298,9 @@ class Engine:
         child = self._child
         if child is None or self.state != pb.READY:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, "no model is loaded")
+        if not self._info.chat_template:
+            request, notice = base_model_request(request, self._info.name or self._info.path)
+            yield pb.GenerateEvent(notice=notice)
         try:
             async for event in child.stub.Generate(request):
                 yield event
@@ -379,4 +410,5 @@ def _loading_info(spec: LoadSpec) -> pb.ModelInfo:
         architecture=shape.architecture,
         n_layer=shape.n_layer,
         estimated_bytes=spec.estimated_bytes,
+        chat_template=shape.chat_template is not None,
     )

@@ -30,9 +30,15 @@ from hsmdifd.children import exit_when_parent_goes, first_to_go_when_memory_runs
 from hsmdifd.engine import PROMPT_BYTES_PER_TOKEN, prompt_bytes
 from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
+from hsmdifd.stops import StopFilter
 from hsmdifd.timing import STREAM_INTERVAL
 
 log = logging.getLogger("hsmdifd.engine")
+
+# llama.cpp's defaults (common/common.h: penalty_repeat 1.10 over penalty_last_n 64):
+# without a penalty, greedy decoding of a small model loops on a phrase.
+REPEAT_PENALTY = 1.1
+REPEAT_LAST_N = 64
 
 # Chat templates for models whose GGUF carries none, by architecture prefix.
 GEMMA_TEMPLATE = (
@@ -167,6 +173,7 @@ def _load(request: pb.EngineLoadRequest, progress: queue.Queue[float]) -> _Loade
             n_threads=request.threads,
             n_threads_batch=request.threads,
             n_batch=request.batch_size or 512,
+            last_n_tokens_size=REPEAT_LAST_N,  # the repeat penalty's window
             verbose=False,
             **split,
         )
@@ -317,6 +324,8 @@ def _generate(
         )
     max_tokens = min(request.max_tokens, room)
     temperature = request.temperature if request.HasField("temperature") else 0.8
+    top_p = request.top_p if request.HasField("top_p") else 0.95
+    stops = StopFilter(tuple(request.stop))
     llm.set_seed(request.seed if request.HasField("seed") else random.getrandbits(32))
     if not _prefill(llm, tokens, ended):
         return
@@ -328,7 +337,8 @@ def _generate(
     finish = "length"
     strip_leading = not request.raw
     # The prompt is all in the KV cache: generate() finds it there and samples at once.
-    for token in llm.generate(tokens, temp=temperature, top_k=40, top_p=0.95, min_p=0.05):
+    sampling = {"top_k": 40, "top_p": top_p, "min_p": 0.05, "repeat_penalty": REPEAT_PENALTY}
+    for token in llm.generate(tokens, temp=temperature, **sampling):
         if llama_cpp.llama_vocab_is_eog(vocab, token):
             finish = "stop"
             break
@@ -339,6 +349,11 @@ def _generate(
             strip_leading = not text
         if produced == 1:
             first_at = time.monotonic()
+        text = stops.feed(text)
+        if stops.stopped:
+            pending.append(text)
+            finish = "stop"
+            break
         if text:
             pending.append(text)
             now = time.monotonic()
@@ -350,7 +365,8 @@ def _generate(
             break
         if ended.is_set() or not context.is_active():
             return
-    pending.append(decoder.decode(b"", final=True))
+    if not stops.stopped:
+        pending.append(stops.feed(decoder.decode(b"", final=True)) + stops.flush())
     if text := "".join(pending):
         yield pb.GenerateEvent(text=text)
     done = time.monotonic()

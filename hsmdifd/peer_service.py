@@ -19,6 +19,7 @@ from hsmdifd.models import Models
 from hsmdifd.policy import policy_to_pb
 from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
+from hsmdifd.routing import Router
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +29,14 @@ _NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 class PeerService(pb_grpc.PeerServicer):
-    def __init__(self, cluster: Cluster, models: Models, leases: Leases, secret: bytes) -> None:
+    def __init__(
+        self, cluster: Cluster, models: Models, leases: Leases, secret: bytes, router: Router
+    ) -> None:
         self._secret = secret
         self._cluster = cluster
         self._models = models
         self._leases = leases
+        self._router = router
 
     async def Hello(self, request: pb.HelloRequest, context: Context) -> pb.HelloReply:
         """Prove this device holds the secret, before the caller sends any proof."""
@@ -74,7 +78,7 @@ class PeerService(pb_grpc.PeerServicer):
         await self._refuse_unless_root(context)
         try:
             check_generate(request)
-            async for event in self._models.generate(request):
+            async for event in self._router.generate_here(request):  # in the root's queue
                 yield event
         except RequestError as e:
             await context.abort(e.code, str(e))

@@ -17,6 +17,7 @@ from hsmdifd.cluster import Cluster, Forwarded
 from hsmdifd.errors import RequestError
 from hsmdifd.models import Models
 from hsmdifd.proto import hsmdif_pb2 as pb
+from hsmdifd.queue import RequestQueue
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,10 @@ T = TypeVar("T")
 class Router:
     """Model requests, answered by the root wherever it is."""
 
-    def __init__(self, cluster: Cluster, models: Models) -> None:
+    def __init__(self, cluster: Cluster, models: Models, queue: RequestQueue) -> None:
         self._cluster = cluster
         self._models = models
+        self.queue = queue
 
     @property
     def here(self) -> bool:
@@ -45,6 +47,13 @@ class Router:
     def root_known(self) -> bool:
         """Whether requests have somewhere to go: this device, or a root that answers."""
         return self.here or self._cluster.root_status() is not None
+
+    def load_counts(self) -> tuple[int, int, int]:
+        """Requests waiting at the root, those it is answering, and how many may wait."""
+        if self.here:
+            return self.queue.waiting, self.queue.running, self.queue.max_waiting
+        status = self._cluster.root_status()
+        return (0, int(status.generating), 0) if status else (0, 0, 0)
 
     def generating(self) -> bool:
         """Whether the root has an answer in flight."""
@@ -73,11 +82,17 @@ class Router:
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
         if self.here:
-            async for event in self._models.generate(request):
+            async for event in self.generate_here(request):
                 yield event
         else:
             stub = self._cluster.root_stub()
             async for event in _relay(self._cluster, stub.Generate(request)):
+                yield event
+
+    async def generate_here(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
+        """Answer on this device's engine, in turn with every other request."""
+        async with self.queue.slot():
+            async for event in self._models.generate(request):
                 yield event
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import grp
 import logging
 import os
@@ -18,21 +19,25 @@ from pathlib import Path
 
 import grpc
 
-from hsmdifd import notify, profile, rpc_protocol, timing, tls
+from hsmdifd import api_key, notify, profile, rpc_protocol, timing, tls
 from hsmdifd.auth import AuthServerInterceptor, SecretError, load_secret
+from hsmdifd.bundled import bundled_model_path
 from hsmdifd.cluster import Cluster
-from hsmdifd.config import Config, ConfigError, load_config, with_overrides
+from hsmdifd.config import Config, ConfigError, api_address, load_config, with_overrides
 from hsmdifd.control_service import ControlService, add_control_service
 from hsmdifd.devices_file import load_devices_file
 from hsmdifd.engine import Engine
 from hsmdifd.follow import Follower
+from hsmdifd.http_api import HttpApi, model_id
 from hsmdifd.leases import Leases
 from hsmdifd.membership import OPEN_METHODS, server_keepalive_options
+from hsmdifd.metrics import ClusterView, Metrics
 from hsmdifd.models import Models
 from hsmdifd.node import Identity, load_identity
 from hsmdifd.peer_service import PeerService
 from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
+from hsmdifd.queue import RequestQueue
 from hsmdifd.routing import Router
 
 log = logging.getLogger(__name__)
@@ -110,6 +115,9 @@ class Daemon:
         self.cluster: Cluster | None = None
         self._leases: Leases | None = None
         self._tls: tls.DeviceCredentials | None = None
+        self._router: Router | None = None
+        self._http: HttpApi | None = None
+        self._metrics: Metrics | None = None
 
     # ---- device figures -------------------------------------------------------------
 
@@ -152,6 +160,7 @@ class Daemon:
         except (OSError, ValueError) as e:
             raise StartupError(f"cannot use the state directory {config.state_dir}: {e}") from e
         secret, declared = self._cluster_inputs()
+        key = self._api_key()
         path = config.socket_path
         try:
             claim_socket(path)
@@ -178,12 +187,11 @@ class Daemon:
         )
         models = self._models = Models(config, engine, cluster)
         cluster.set_device(await asyncio.to_thread(self.device_profile))
+        router = self._router = Router(cluster, models, RequestQueue(config.api.max_queue))
         if secret is not None:
             await self._serve_peers(secret)
         server = grpc.aio.server()
-        add_control_service(
-            ControlService(cluster, Router(cluster, models), self.device_profile), server
-        )
+        add_control_service(ControlService(cluster, router, self.device_profile), server)
         if server.add_insecure_port(f"unix:{path}") == 0:
             raise StartupError(f"cannot listen on {path}")
         await server.start()
@@ -193,6 +201,7 @@ class Daemon:
         if not _accepts(path):
             raise StartupError(f"the control socket {path} does not accept connections")
         await cluster.start()
+        await self._serve_http(router, key)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.handle_exit)
@@ -213,6 +222,60 @@ class Daemon:
             f", peers on {self.identity.address}" if secret else ", alone (no cluster secret)",
         )
         notify.notify("READY=1")
+
+    def _api_key(self) -> bytes | None:
+        """The HTTP API's key; refuse a listen address others can reach without one."""
+        api = self.config.api
+        if not api.listen:
+            return None
+        address = api_address(api.listen)
+        if address is None:
+            raise StartupError(f"[api] listen {api.listen!r}: give ADDRESS:PORT, or empty")
+        try:
+            return api_key.api_key_for(api.listen, api.api_key_file)
+        except api_key.ApiKeyError as e:
+            raise StartupError(str(e)) from e
+
+    def _default_model_id(self) -> str:
+        model = self.config.model.default
+        return model_id(model or str(bundled_model_path(self.config.state_dir)))
+
+    async def _serve_http(self, router: Router, key: bytes | None) -> None:
+        assert self.cluster is not None and self._models is not None
+        cluster, models = self.cluster, self._models
+        leases = self._leases
+        self._metrics = Metrics(
+            ClusterView(
+                queued=lambda: router.load_counts()[0],
+                in_flight=lambda: router.load_counts()[1],
+                model=router.model_info,
+                members_alive=lambda: len(cluster.live_ids()),
+                root_id=lambda: cluster.root_id,
+                leases_held=lambda: len(models.loaded.leases) if models.loaded else 0,
+                leases_granted=lambda: int(leases is not None and leases.holder is not None),
+            )
+        )
+        self._tasks.append(asyncio.create_task(self._watch_metrics(self._metrics)))
+        address = api_address(self.config.api.listen)
+        if address is None:
+            return
+        api = HttpApi(
+            router, self._metrics, self._default_model_id, key, self.config.api.cors_origins
+        )
+        try:
+            await api.start(*address)
+        except OSError as e:
+            raise StartupError(
+                f"cannot serve the HTTP API on {self.config.api.listen}: {e.strerror}; choose "
+                "another with --http ADDRESS:PORT, or --http off"
+            ) from e
+        self._http = api
+        log.info("OpenAI-compatible HTTP API on http://%s/v1", self.config.api.listen)
+
+    async def _watch_metrics(self, metrics: Metrics) -> None:
+        while True:
+            metrics.watch()
+            await asyncio.sleep(timing.METRICS_WATCH)
 
     def _cluster_inputs(self) -> tuple[bytes | None, dict[str, pb.DeviceProfile]]:
         cluster = self.config.cluster
@@ -242,7 +305,7 @@ class Daemon:
             ],
             options=server_keepalive_options(self.config.timing.heartbeat_interval),
         )
-        assert self.cluster is not None
+        assert self.cluster is not None and self._router is not None
         host = self.identity.address.rsplit(":", 1)[0]
         timing_config = self.config.timing
         self._leases = Leases(
@@ -256,7 +319,7 @@ class Daemon:
             dead_after=timing_config.dead_after,
         )
         pb_grpc.add_PeerServicer_to_server(
-            PeerService(self.cluster, self._models, self._leases, secret), server
+            PeerService(self.cluster, self._models, self._leases, secret, self._router), server
         )
         target = f"{network.listen_address}:{network.port}"
         try:
@@ -323,7 +386,13 @@ class Daemon:
             for key in ("control", "state", "network"):
                 if getattr(new, key) != getattr(self.config, key):
                     log.warning("[%s] changed: takes effect when hsmdifd restarts", key)
+            if dataclasses.replace(new.api, max_queue=0) != dataclasses.replace(
+                self.config.api, max_queue=0
+            ):
+                log.warning("[api] changed: takes effect when hsmdifd restarts (max_queue: now)")
             self.config = new
+            if self._router is not None:
+                self._router.queue.resize(new.api.max_queue)
             if self._models is not None:
                 self._models.reconfigure(new)
             log.info("configuration reloaded from %s", self._config_path or "defaults")
@@ -336,15 +405,18 @@ class Daemon:
         log.info("stopping")
         grace = 0.0 if self._force.is_set() else self.config.timing.shutdown_grace
         servers = [s for s in (self._server, self._peer_server) if s is not None]
+        http = self._http
 
         async def stop_servers() -> None:
-            await asyncio.gather(*(s.stop(grace) for s in servers))
+            await asyncio.gather(
+                *(s.stop(grace) for s in servers), *([http.stop(grace)] if http else [])
+            )
 
         stopping = asyncio.create_task(stop_servers())
         forced = asyncio.create_task(self._force.wait())
         await asyncio.wait({stopping, forced}, return_when=asyncio.FIRST_COMPLETED)
         if not stopping.done():
-            await asyncio.gather(*(s.stop(0) for s in servers))
+            await asyncio.gather(*(s.stop(0) for s in servers), *([http.stop(0)] if http else []))
         forced.cancel()
         for task in self._tasks:
             task.cancel()

@@ -51,3 +51,5 @@ STREAM_INTERVAL = 0.05
 """Seconds an answer's text is gathered before it is passed on (the first piece goes at
 once): a message per 50 ms instead of one per token through every hop, 20 updates a
 second on the screen."""
+METRICS_WATCH = 0.5
+"""Seconds between looks for root changes and engine failures, for /metrics."""

@@ -78,6 +78,7 @@ class Daemon:
     extra_args: list[str] = field(default_factory=list)
     host: Any = None  # a tests.netns.Host to run in, or None for this machine
     mdns: bool = False
+    http: str = "off"  # --http: ADDRESS:PORT for the HTTP API; off so daemons never collide
 
     @property
     def socket(self) -> Path:
@@ -105,6 +106,8 @@ class Daemon:
             "--state-dir",
             str(self.state_dir),
             *([] if self.mdns else ["--no-mdns"]),
+            "--http",
+            self.http,
             *self.extra_args,
         ]
         full_env = {**os.environ, "NOTIFY_SOCKET": str(self.notify.path), **(env or {})}

@@ -14,6 +14,7 @@ import codecs
 import sys
 
 from hsmdifd import rpc
+from hsmdifd.engine_child import REPEAT_LAST_N, REPEAT_PENALTY
 
 
 def main() -> None:
@@ -36,6 +37,7 @@ def main() -> None:
         n_ctx=args.n_ctx,
         n_threads=1,
         n_threads_batch=1,
+        last_n_tokens_size=REPEAT_LAST_N,
         verbose=False,
     )
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -43,7 +45,10 @@ def main() -> None:
     tokens = llm.tokenize(args.prompt.encode(), add_bos=True, special=False)
     vocab = llm._model.vocab
     for produced, token in enumerate(
-        llm.generate(tokens, temp=0.0, top_k=40, top_p=0.95, min_p=0.05), 1
+        llm.generate(
+            tokens, temp=0.0, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=REPEAT_PENALTY
+        ),
+        1,
     ):
         if llama_cpp.llama_vocab_is_eog(vocab, token):
             break

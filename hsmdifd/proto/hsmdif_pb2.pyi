@@ -155,6 +155,7 @@ class ModelInfo(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     LOAD_SECONDS_FIELD_NUMBER: _builtins.int
     PLAN_FIELD_NUMBER: _builtins.int
+    CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     state: Global___ModelState.ValueType
     path: _builtins.str
     size_bytes: _builtins.int
@@ -169,6 +170,8 @@ class ModelInfo(_message.Message):
     name: _builtins.str
     """general.name from the GGUF header"""
     load_seconds: _builtins.float
+    chat_template: _builtins.bool
+    """the GGUF carries its own chat template (instruction-tuned)"""
     @_builtins.property
     def plan(self) -> Global___PlanReply:
         """how the loaded model is split over devices"""
@@ -188,10 +191,11 @@ class ModelInfo(_message.Message):
         name: _builtins.str = ...,
         load_seconds: _builtins.float = ...,
         plan: Global___PlanReply | None = ...,
+        chat_template: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "context_length", b"context_length", "error", b"error", "estimated_bytes", b"estimated_bytes", "load_seconds", b"load_seconds", "n_layer", b"n_layer", "name", b"name", "path", b"path", "plan", b"plan", "size_bytes", b"size_bytes", "state", b"state", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "chat_template", b"chat_template", "context_length", b"context_length", "error", b"error", "estimated_bytes", b"estimated_bytes", "load_seconds", b"load_seconds", "n_layer", b"n_layer", "name", b"name", "path", b"path", "plan", b"plan", "size_bytes", b"size_bytes", "state", b"state", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -413,6 +417,9 @@ class StatusReply(_message.Message):
     POLICY_FIELD_NUMBER: _builtins.int
     WARNING_FIELD_NUMBER: _builtins.int
     GENERATING_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    MAX_QUEUE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     name: _builtins.str
     role: _builtins.str
@@ -425,6 +432,12 @@ class StatusReply(_message.Message):
     """e.g. a duplicate node id"""
     generating: _builtins.bool
     """the root has an answer in flight"""
+    queued: _builtins.int
+    """requests waiting at the root for the engine"""
+    in_flight: _builtins.int
+    """requests the root's engine is answering"""
+    max_queue: _builtins.int
+    """how many may wait before the root refuses more"""
     @_builtins.property
     def model(self) -> Global___ModelInfo: ...
     @_builtins.property
@@ -446,10 +459,13 @@ class StatusReply(_message.Message):
         policy: Global___Policy | None = ...,
         warning: _builtins.str = ...,
         generating: _builtins.bool = ...,
+        queued: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
+        max_queue: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "model", b"model", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "epoch", b"epoch", "generating", b"generating", "model", b"model", "name", b"name", "node_id", b"node_id", "policy", b"policy", "role", b"role", "root_name", b"root_name", "uptime_seconds", b"uptime_seconds", "version", b"version", "warning", b"warning"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "epoch", b"epoch", "generating", b"generating", "in_flight", b"in_flight", "max_queue", b"max_queue", "model", b"model", "name", b"name", "node_id", b"node_id", "policy", b"policy", "queued", b"queued", "role", b"role", "root_name", b"root_name", "uptime_seconds", b"uptime_seconds", "version", b"version", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -623,6 +639,9 @@ class GenerateRequest(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
     TEMPERATURE_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    TOP_P_FIELD_NUMBER: _builtins.int
+    COMPLETE_IF_BASE_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """... or, with raw set, a prompt passed to the model as it is."""
     raw: _builtins.bool
@@ -630,9 +649,19 @@ class GenerateRequest(_message.Message):
     """0: the configured default"""
     temperature: _builtins.float
     seed: _builtins.int
+    top_p: _builtins.float
+    complete_if_base: _builtins.bool
+    """A prompt rather than a conversation (hsmdifctl prompt, /v1/completions): with a
+    model that has no chat template of its own (a base model), it is completed as
+    written instead of being put through chat turns.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """Either a conversation, formatted with the model's chat template ..."""
+
+    @_builtins.property
+    def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Strings that end the answer; none of their text is sent (finish_reason "stop")."""
 
     def __init__(
         self,
@@ -643,19 +672,26 @@ class GenerateRequest(_message.Message):
         max_tokens: _builtins.int = ...,
         temperature: _builtins.float | None = ...,
         seed: _builtins.int | None = ...,
+        top_p: _builtins.float | None = ...,
+        complete_if_base: _builtins.bool = ...,
+        stop: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_temperature", b"_temperature", "seed", b"seed", "temperature", b"temperature"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_temperature", b"_temperature", "max_tokens", b"max_tokens", "messages", b"messages", "prompt", b"prompt", "raw", b"raw", "seed", b"seed", "temperature", b"temperature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "complete_if_base", b"complete_if_base", "max_tokens", b"max_tokens", "messages", b"messages", "prompt", b"prompt", "raw", b"raw", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    _WhichOneofReturnType__top_p: _TypeAlias = _typing.Literal["top_p"]  # noqa: Y015
+    _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
@@ -703,8 +739,11 @@ class GenerateEvent(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
     LOADING_FIELD_NUMBER: _builtins.int
+    NOTICE_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """the next piece of the answer (one token's text)"""
+    notice: _builtins.str
+    """something to tell the person once, before the answer"""
     @_builtins.property
     def done(self) -> Global___GenerateStats:
         """last event of a complete generation"""
@@ -719,12 +758,13 @@ class GenerateEvent(_message.Message):
         text: _builtins.str = ...,
         done: Global___GenerateStats | None = ...,
         loading: Global___LoadProgress | None = ...,
+        notice: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "event", b"event", "loading", b"loading", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "event", b"event", "loading", b"loading", "notice", b"notice", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "event", b"event", "loading", b"loading", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "event", b"event", "loading", b"loading", "notice", b"notice", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["text", "done", "loading"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["text", "done", "loading", "notice"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
