@@ -11,6 +11,10 @@ Every mode prints JSON lines, one per event, to stdout or to `--log`:
     flood   --address IP --count N --seconds S
         Announce N services with random names and ids in about S seconds, each at its own
         port, by unsolicited mDNS answers; then send a goodbye for each.
+    relay   --address IP --to HOST:PORT --count N --log FILE
+        Announce N services at ports of this host that pass TCP on to HOST:PORT (a real
+        device's peer port), recording each connection and when it closes. Runs until
+        SIGTERM (then sends its mDNS goodbyes).
     goodbye --address IP --wait S
         Browse for S seconds and send a forged goodbye for every service seen.
     replay  --spec FILE
@@ -179,7 +183,7 @@ def _listening_socket(address: str) -> socket.socket:
 
 def listen(args: argparse.Namespace) -> None:
     import grpc
-    from zeroconf import IPVersion, ServiceInfo, Zeroconf
+    from zeroconf import IPVersion, Zeroconf
 
     stop = _stop_on_sigterm()
     out = open(args.log, "a")  # noqa: SIM115 (open for the whole run)
@@ -202,19 +206,7 @@ def listen(args: argparse.Namespace) -> None:
             target=_front, args=(out, listener, backend, transport), daemon=True
         ).start()
     zc = Zeroconf(interfaces=[args.address], ip_version=IPVersion.V4Only)
-    infos = []
-    for transport, port in ports.items():
-        node_id = f"attacker-{transport}-{secrets.token_hex(4)}"
-        info = ServiceInfo(
-            SERVICE_TYPE,
-            f"{node_id}.{SERVICE_TYPE}",
-            port=port,
-            properties=_txt(node_id, port),
-            parsed_addresses=[args.address],
-            server=f"{node_id}.local.",
-        )
-        zc.register_service(info, allow_name_change=True)
-        infos.append(info)
+    infos = _announce(zc, args.address, list(ports.values()), "attacker")
     emit(out, event="announced", ports=ports)
     print("ready", flush=True)
     stop.wait()
@@ -227,6 +219,70 @@ def listen(args: argparse.Namespace) -> None:
 
 def _txt(node_id: str, port: int) -> dict[str, str]:
     return {"id": node_id, "pv": "2", "port": str(port), "mem": "65536", "spd": "99.0", "polv": "0"}
+
+
+def _announce(zc: Any, address: str, ports: list[int], prefix: str) -> list[Any]:
+    from zeroconf import ServiceInfo
+
+    infos = []
+    for port in ports:
+        node_id = f"{prefix}-{secrets.token_hex(4)}"
+        info = ServiceInfo(
+            SERVICE_TYPE,
+            f"{node_id}.{SERVICE_TYPE}",
+            port=port,
+            properties=_txt(node_id, port),
+            parsed_addresses=[address],
+            server=f"{node_id}.local.",
+        )
+        zc.register_service(info, allow_name_change=True)
+        infos.append(info)
+    return infos
+
+
+def _forward(out: TextIO, listener: socket.socket, target: tuple[str, int]) -> None:
+    port = listener.getsockname()[1]
+    while True:
+        try:
+            conn, peer = listener.accept()
+        except OSError:
+            return
+        emit(out, event="connect", port=port, peer=peer[0])
+        try:
+            inner = socket.create_connection(target, timeout=2)
+            inner.settimeout(None)
+        except OSError:
+            conn.close()
+            continue
+
+        def both(conn: socket.socket = conn, inner: socket.socket = inner) -> None:
+            back = threading.Thread(target=_pump, args=(inner, conn), daemon=True)
+            back.start()
+            _pump(conn, inner)
+            back.join()
+            emit(out, event="closed", port=port)
+
+        threading.Thread(target=both, daemon=True).start()
+
+
+def relay(args: argparse.Namespace) -> None:
+    from zeroconf import IPVersion, Zeroconf
+
+    stop = _stop_on_sigterm()
+    out = open(args.log, "a")  # noqa: SIM115
+    host, port = args.to.rsplit(":", 1)
+    listeners = [_listening_socket(args.address) for _ in range(args.count)]
+    for listener in listeners:
+        threading.Thread(
+            target=_forward, args=(out, listener, (host, int(port))), daemon=True
+        ).start()
+    zc = Zeroconf(interfaces=[args.address], ip_version=IPVersion.V4Only)
+    infos = _announce(zc, args.address, [s.getsockname()[1] for s in listeners], "relay")
+    print("ready", flush=True)
+    stop.wait()
+    for info in infos:
+        zc.unregister_service(info)
+    zc.close()
 
 
 # ------------------------------------------------------------------ flood and goodbyes
@@ -442,6 +498,11 @@ def main() -> None:
     p.add_argument("--address", required=True)
     p.add_argument("--count", type=int, default=200)
     p.add_argument("--seconds", type=float, default=5.0)
+    p = modes.add_parser("relay")
+    p.add_argument("--address", required=True)
+    p.add_argument("--to", required=True)
+    p.add_argument("--count", type=int, default=16)
+    p.add_argument("--log", required=True)
     p = modes.add_parser("goodbye")
     p.add_argument("--address", required=True)
     p.add_argument("--wait", type=float, default=2.0)
@@ -455,6 +516,7 @@ def main() -> None:
     {
         "listen": listen,
         "flood": flood,
+        "relay": relay,
         "goodbye": goodbye,
         "replay": replay,
         "probe": probe,

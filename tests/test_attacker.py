@@ -509,13 +509,11 @@ def test_a_forged_goodbye_changes_nothing(lan: Lan) -> None:
 
 
 def test_a_flood_of_announcements_is_bounded(lan: Lan) -> None:
-    target = lan.daemons[0]
-    assert target.proc is not None
-    proc = psutil.Process(target.proc.pid)
-    real = {d.dir.name for d in lan.daemons}
+    procs = {d.dir.name: psutil.Process(d.proc.pid) for d in lan.daemons if d.proc}
+    real = set(procs)
     bound = len(real) + membership.MAX_UNPROVEN
-    rss_before = proc.memory_info().rss
-    cpu_before = sum(proc.cpu_times()[:2])
+    rss_before = {n: p.memory_info().rss for n, p in procs.items()}
+    cpu_before = {n: sum(p.cpu_times()[:2]) for n, p in procs.items()}
     started = time.monotonic()
     flood = lan.attack_popen(
         "flood",
@@ -529,26 +527,111 @@ def test_a_flood_of_announcements_is_bounded(lan: Lan) -> None:
     )
     most = 0
     while flood.poll() is None:
-        most = max(most, len(devices_of(target)))
+        for d in lan.daemons:
+            listed = devices_of(d)
+            most = max(most, len(listed))
+            states = {x.name: x.state for x in listed if x.name in real}
+            assert states == dict.fromkeys(real, "alive"), f"{d.dir.name} sees {states}"
         time.sleep(0.2)
     out, _ = flood.communicate()
     assert flood.returncode == 0
     print("flood:", out.strip())
-    most = max(most, len(devices_of(target)))
+    most = max([most, *(len(devices_of(d)) for d in lan.daemons)])
     elapsed = time.monotonic() - started
-    cpu = (sum(proc.cpu_times()[:2]) - cpu_before) / elapsed
-    rss_growth = (proc.memory_info().rss - rss_before) / MIB
-    print(
-        f"under the flood: at most {most} devices listed (bound {bound}), "
-        f"CPU {100 * cpu:.1f} % of a core over {elapsed:.1f} s, RSS +{rss_growth:.1f} MiB"
-    )
+    cpu = {n: (sum(p.cpu_times()[:2]) - cpu_before[n]) / elapsed for n, p in procs.items()}
+    rss = {n: (p.memory_info().rss - rss_before[n]) / MIB for n, p in procs.items()}
+    for name in sorted(real):
+        print(
+            f"{name} under the flood: CPU {100 * cpu[name]:.1f} % of a core over "
+            f"{elapsed:.1f} s, RSS {rss[name]:+.1f} MiB"
+        )
+    print(f"at most {most} devices listed (bound {bound})")
     assert most <= bound
-    assert cpu < 0.5
-    assert rss_growth < 30
+    assert max(cpu.values()) < 0.5
+    assert max(rss.values()) < 30
+    assert any("not following the announcement" in d.log() for d in lan.daemons)
 
     def only_real() -> bool:
-        return {x.name for x in devices_of(target)} == real and len(devices_of(target)) == len(real)
+        return all(sorted(x.name for x in devices_of(d)) == sorted(real) for d in lan.daemons)
 
     took = wait_until(only_real, UNPROVEN_TIMEOUT + 3, "only the real devices listed again")
     print(f"back to the real devices {took:.1f} s after the goodbyes")
     assert agree(lan.daemons)
+
+
+# ---------------------------------------------------------------- 8. relays to a real device
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="daemon defect: an announced address relaying to a real device is kept for "
+    "ever and counts as unproven, so MAX_UNPROVEN relays stop mDNS admission",
+)
+def test_announced_relays_to_a_real_device_do_not_block_new_announcements(lan: Lan) -> None:
+    """An outsider announces MAX_UNPROVEN addresses of its own that pass TCP on to a real
+    device's port 9999. A daemon following them proves, through them, the real device:
+    the addresses never prove an identity of their own, so they must be forgotten (or at
+    least not hold the places of addresses waiting to prove themselves). Otherwise the
+    daemon follows no new announcement again: a new device is never found by it."""
+    a, b = lan.daemons
+    a_address = lan.host_of(a).address
+    relay_log, listen_log = lan.base / "relay.jsonl", lan.base / "listen-after-relays.jsonl"
+    relays = lan.attack_popen(
+        "relay",
+        "--address",
+        lan.attacker.address,
+        "--to",
+        f"{lan.host_of(b).address}:9999",
+        "--count",
+        str(membership.MAX_UNPROVEN),
+        "--log",
+        str(relay_log),
+        stdout=subprocess.PIPE,
+    )
+    listener: subprocess.Popen[str] | None = None
+    try:
+        assert relays.stdout is not None and relays.stdout.readline().strip() == "ready"
+
+        def followed(path: Path) -> set[int]:
+            return {
+                e.get("port", 0)
+                for e in events(path)
+                if e["event"] == "connect" and e["peer"] == a_address
+            }
+
+        wait_until(
+            lambda: len(followed(relay_log)) == membership.MAX_UNPROVEN,
+            30,
+            "the daemon following every relay",
+        )
+        first = time.monotonic()
+        # A new announcement (the outsider's recording server stands in for a new device),
+        # once the relays have had their time to prove themselves.
+        time.sleep(max(0.0, first + UNPROVEN_TIMEOUT - time.monotonic()))
+        listener = lan.attack_popen(
+            "listen",
+            "--address",
+            lan.attacker.address,
+            "--log",
+            str(listen_log),
+            stdout=subprocess.PIPE,
+        )
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+
+        def knocked() -> bool:
+            return any(
+                e["event"] == "connect" and e["peer"] == a_address for e in events(listen_log)
+            )
+
+        try:
+            wait_until(knocked, UNPROVEN_TIMEOUT + 10, f"{a.dir.name} following a new announcement")
+        finally:
+            closed = sum(e["event"] == "closed" for e in events(relay_log))
+            opened = sum(e["event"] == "connect" for e in events(relay_log))
+            print(f"relay connections: {opened} opened, {opened - closed} still open")
+    finally:
+        for proc in (relays, listener):
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(15)
+        settle(lan)
