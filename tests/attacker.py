@@ -8,9 +8,10 @@ Every mode prints JSON lines, one per event, to stdout or to `--log`:
         port with a self-signed certificate, and record every connection (who, and its
         first bytes), every call and all its metadata. Prints `ready` when announced;
         runs until SIGTERM (then sends its mDNS goodbyes).
-    flood   --address IP --count N --seconds S
+    flood   --address IP --count N --seconds S [--hold]
         Announce N services with random names and ids in about S seconds, each at its own
-        port, by unsolicited mDNS answers; then send a goodbye for each.
+        port, by unsolicited mDNS answers; then send a goodbye for each (with --hold, only
+        once stdin is closed).
     relay   --address IP --to HOST:PORT --count N --log FILE
         Announce N services at ports of this host that pass TCP on to HOST:PORT (a real
         device's peer port), recording each connection and when it closes. Runs until
@@ -326,6 +327,9 @@ def flood(args: argparse.Namespace) -> None:
         _send_records(zc, [info], None)
         time.sleep(max(0.0, started + (i + 1) * args.seconds / args.count - time.monotonic()))
     announced = time.monotonic() - started
+    if args.hold:
+        print(json.dumps({"holding": len(infos)}), flush=True)
+        sys.stdin.read()
     for batch in range(0, len(infos), 10):
         _send_records(zc, infos[batch : batch + 10], 0)
     print(json.dumps({"announced": len(infos), "seconds": round(announced, 2)}), flush=True)
@@ -498,6 +502,7 @@ def main() -> None:
     p.add_argument("--address", required=True)
     p.add_argument("--count", type=int, default=200)
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--hold", action="store_true")
     p = modes.add_parser("relay")
     p.add_argument("--address", required=True)
     p.add_argument("--to", required=True)
