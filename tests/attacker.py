@@ -16,8 +16,9 @@ Every mode prints JSON lines, one per event, to stdout or to `--log`:
         Announce N services at ports of this host that pass TCP on to HOST:PORT (a real
         device's peer port), recording each connection and when it closes. Runs until
         SIGTERM (then sends its mDNS goodbyes).
-    goodbye --address IP --wait S
-        Browse for S seconds and send a forged goodbye for every service seen.
+    goodbye --address IP --wait S [--rounds N]
+        Browse for S seconds and send a forged goodbye for every service seen; with
+        --rounds, N times, announcing each anew (as it was) before its next goodbye.
     replay  --spec FILE
         Send the calls in FILE (a JSON list) and print how each ended. Each call names its
         target, method, body (hex) and metadata, and how to connect: "self-signed" (this
@@ -356,9 +357,14 @@ def goodbye(args: argparse.Namespace) -> None:
         info = ServiceInfo(SERVICE_TYPE, name)
         if info.request(zc, 3000):
             infos.append(info)
-    for _ in range(3):  # as a real goodbye does
-        _send_records(zc, infos, 0)
-        time.sleep(0.25)
+    for round in range(args.rounds):
+        if round:  # the name is known again, so that its goodbye counts again
+            _send_records(zc, infos, None)
+            time.sleep(0.5)
+        for _ in range(3):  # as a real goodbye does
+            _send_records(zc, infos, 0)
+            time.sleep(0.25)
+        time.sleep(1.0)  # the records expire a second after a goodbye
     print(json.dumps({"goodbyes": [i.name for i in infos]}), flush=True)
     zc.close()
 
@@ -511,6 +517,7 @@ def main() -> None:
     p = modes.add_parser("goodbye")
     p.add_argument("--address", required=True)
     p.add_argument("--wait", type=float, default=2.0)
+    p.add_argument("--rounds", type=int, default=1)
     p = modes.add_parser("replay")
     p.add_argument("--spec", required=True)
     modes.add_parser("probe")

@@ -33,7 +33,7 @@ from hsmdifd.proto import hsmdif_pb2 as pb
 from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
 from tests.conftest import REPO, Daemon, child_pids, stop_all, write_config
 from tests.netns import Cluster, Host, require_root_netns
-from tests.test_cluster import agree, status_of, wait_until
+from tests.test_cluster import agree, root_seen_by, status_of, wait_until
 from tests.test_distributed import ask_for_lease
 from tests.tinymodel import write_tiny_llama
 
@@ -502,6 +502,50 @@ def test_a_forged_goodbye_changes_nothing(lan: Lan) -> None:
     assert goodbye.returncode == 0
     sent = json.loads(out)["goodbyes"]
     assert len(sent) >= len(lan.daemons), sent
+    assert snapshot(lan) == before
+
+
+def test_forged_goodbyes_while_the_root_answers_change_nothing(lan: Lan) -> None:
+    """Each goodbye makes a daemon ask the device at once, with a short deadline; asked
+    while it is busy answering a prompt, the device must still not count as dead."""
+    before = snapshot(lan)
+    names = {d.dir.name for d in lan.daemons}
+    ensure_loaded(lan)
+    root = lan.root()
+    answer = root.ctl_popen("prompt", "once", "--raw", "--max-tokens", "2000")
+    goodbye: subprocess.Popen[str] | None = None
+    try:
+        assert answer.stdout is not None
+        answer.stdout.read(1)  # the answer is streaming
+        goodbye = lan.attack_popen(
+            "goodbye",
+            "--address",
+            lan.attacker.address,
+            "--wait",
+            "1",
+            "--rounds",
+            "4",
+            stdout=subprocess.PIPE,
+        )
+        seen: set[str] = set()
+        while goodbye.poll() is None:
+            for d in lan.daemons:
+                states = {x.name: x.state for x in devices_of(d) if x.name in names}
+                seen |= {f"{d.dir.name} sees {n} {s}" for n, s in states.items() if s != "alive"}
+                if (named := root_seen_by(d)) != root.dir.name:
+                    seen.add(f"{d.dir.name} names {named} root")
+            time.sleep(0.1)
+        assert goodbye.returncode == 0
+        generating = status_of(root)["generating"]
+    finally:
+        answer.kill()
+        answer.communicate()
+        if goodbye is not None and goodbye.poll() is None:
+            goodbye.kill()
+            goodbye.wait()
+    assert generating, "the answer lasted through every round of goodbyes"
+    assert not seen, sorted(seen)
+    settle(lan)
     assert snapshot(lan) == before
 
 
