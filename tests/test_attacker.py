@@ -716,11 +716,12 @@ def _flood_then_listen(
         if forgotten_first:
             assert "holding" in flood.stdout.readline()
             real = sorted(d.dir.name for d in lan.daemons)
-            wait_until(
+            forgot = wait_until(
                 lambda: sorted(x.name for x in devices_of(a)) == real,
                 UNPROVEN_TIMEOUT + 10,
                 "the flood's addresses forgotten",
             )
+            print(f"the flood's addresses forgotten {forgot:.1f} s after it ended")
         listener = lan.attack_popen(
             "listen",
             "--address",
