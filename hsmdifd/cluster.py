@@ -367,6 +367,8 @@ class Cluster:
         """
         credit = credit or {}
         me = self.device
+        if me.memory_declared:  # a configured figure does not drop as a model loads
+            extra_local_bytes = 0
         out = [
             planner.DeviceCapacity(
                 node_id=me.id,
@@ -393,7 +395,8 @@ class Cluster:
                     name=member.name,
                     address=member.address,
                     usable_bytes=_capped(
-                        device.memory_usable_bytes + credit.get(member.node_id, 0),
+                        device.memory_usable_bytes
+                        + (0 if device.memory_declared else credit.get(member.node_id, 0)),
                         device.memory_total_bytes,
                     ),
                     speed=device.speed,

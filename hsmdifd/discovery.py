@@ -8,6 +8,7 @@ hints only say where to look: membership asks the peer itself over gRPC.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,7 +98,8 @@ class Discovery:
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
-        self._names: dict[str, tuple[str, str]] = {}  # service name -> node id, address
+        # service name -> node id, address; the oldest make room for new ones
+        self._names: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _service_info(self) -> AsyncServiceInfo:
@@ -149,8 +151,11 @@ class Discovery:
             return
         hint = parse_hint(info.properties, hosts[0], info.port)
         if hint is not None:
-            if name not in self._names and len(self._names) >= MAX_NAMES:
-                return
+            # Bounded, and never closed to newcomers: names announced with a long TTL
+            # and never withdrawn must not keep a new device out.
+            self._names.pop(name, None)
+            while len(self._names) >= MAX_NAMES:
+                self._names.popitem(last=False)
             self._names[name] = (hint.node_id, hint.address)
             self._on_hint(hint)
 

@@ -420,15 +420,22 @@ class Membership:
             record = self._peers.get(address)
             if record is None:
                 return
-            if link.proven is None:
-                if record.hinted and loop.time() - record.first_seen > self.unproven_timeout:
+            if record.hinted and record.status is None:
+                # Announced, and not yet a device of its own: it has a bounded time to
+                # become one (an address that relays to a real device never does).
+                left = self.unproven_timeout - (self.now() - record.first_seen)
+                if left <= 0:
                     log.info("forgetting %s: it never proved it holds the cluster secret", address)
                     self._drop(address)
                     return
+            else:
+                left = float("inf")
+            if link.proven is None:
                 if not await self._hello(address, link):
                     if record.hinted:  # an address nobody listed: ask less and less often
                         backoff = min(backoff * 2, 8.0)
-                    await asyncio.sleep(max(0.0, backoff - (loop.time() - started)))
+                    pause = min(backoff - (loop.time() - started), left)
+                    await asyncio.sleep(max(0.0, pause))
                     continue
             backoff = self.interval
             try:
@@ -460,6 +467,12 @@ class Membership:
                     await self._forget(address)  # an address that reaches this very daemon
                     return
                 if reply.device.address != address:
+                    if record.hinted:
+                        # Announced here, but the device lives at its own address (which
+                        # observing it follows): this one is a relay, or a stale record.
+                        self.observe(reply)
+                        self._drop(address)
+                        return
                     record.alias_of = reply.device.address
                 self.observe(reply)
             await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
@@ -551,6 +564,7 @@ def _apply_declared(device: pb.DeviceProfile, declared: pb.DeviceProfile) -> Non
         device.memory_total_bytes = declared.memory_total_bytes
     if declared.memory_usable_bytes:
         device.memory_usable_bytes = declared.memory_usable_bytes
+        device.memory_declared = True
     if declared.speed:
         device.speed = declared.speed
     if declared.load:

@@ -147,6 +147,7 @@ class Daemon:
             role="root",
             state="alive",
             declared=memory.declared or bool(res.speed_override),
+            memory_declared=memory.declared,
             rpc_protocol=rpc_protocol.protocol(),
         )
 

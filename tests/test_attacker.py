@@ -44,7 +44,6 @@ UNPROVEN_TIMEOUT = 3.0
 MEMORY_MB = 21  # each device's usable memory: the model needs both
 STATUS_METHOD = "/hsmdif.v1.Peer/Status"
 SET_POLICY_METHOD = "/hsmdif.v1.Peer/SetPolicy"
-RELAY_NOT_MERGED = "data plane relay not yet merged"
 SECRET_PROMPT = "the outsider must never read this sentence about purple elephants"
 
 
@@ -410,7 +409,6 @@ def test_a_secret_holder_that_is_not_the_root_is_refused_a_lease(lan: Lan) -> No
     assert child_pids(worker.proc.pid) == before, "no rpc-worker was started"
 
 
-@pytest.mark.xfail(strict=True, reason=RELAY_NOT_MERGED)
 def test_a_secret_holder_that_is_not_the_root_gets_no_data_plane(lan: Lan) -> None:
     """With valid credentials of its own, a device that does not hold the lease reaches no
     rpc-worker: not in plain, not through the relay's TLS, not while the root's engine is
@@ -436,7 +434,6 @@ def test_a_secret_holder_that_is_not_the_root_gets_no_data_plane(lan: Lan) -> No
 # ---------------------------------------------------------------- 5. the data plane
 
 
-@pytest.mark.xfail(strict=True, reason=RELAY_NOT_MERGED)
 def test_no_hello_is_answered_at_any_phase_of_a_lease(lan: Lan) -> None:
     root, worker = lan.root(), lan.worker()
     worker_host = lan.host_of(worker)
@@ -623,11 +620,6 @@ def test_a_flood_of_announcements_is_bounded(lan: Lan) -> None:
 # ---------------------------------------------------------------- 8. relays to a real device
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon defect: an announced address relaying to a real device is kept for "
-    "ever and counts as unproven, so MAX_UNPROVEN relays stop mDNS admission",
-)
 def test_announced_relays_to_a_real_device_do_not_block_new_announcements(lan: Lan) -> None:
     """An outsider announces MAX_UNPROVEN addresses of its own that pass TCP on to a real
     device's port 9999. A daemon following them proves, through them, the real device:
@@ -770,11 +762,6 @@ def test_announcements_without_goodbyes_below_the_limit_hide_nothing(lan: Lan) -
     _flood_then_listen(lan, 200, 4, "below", forgotten_first=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon defect: discovery.MAX_NAMES fills with names an outsider announces "
-    "and never says goodbye to; new announcements are then ignored until their TTL",
-)
 def test_announcements_without_goodbyes_do_not_hide_new_devices(lan: Lan) -> None:
     """An outsider announces more names than discovery remembers (discovery.MAX_NAMES)
     and sends no goodbye, the records with python-zeroconf's usual TTL (75 min). Once

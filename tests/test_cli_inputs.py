@@ -32,7 +32,12 @@ TABLE: list[tuple[list[str], str | None, int, list[str]]] = [
     (["load", NOT_UTF8_PATH], None, 2, ["the model path '/tmp/\\xff.gguf' is not valid UTF-8"]),
     (["load", "MODEL", "--threads", "100000"], None, 2, ["--threads: must be at most 1,024"]),
     (["load", "MODEL", "--threads", "-4"], None, 2, ["must be at least 1 (got -4)"]),
-    (["load", "MODEL", "--threads", "1000"], None, 1, ["--threads 1000 is more than this device has", "CPUs"]),
+    (
+        ["load", "MODEL", "--threads", "1000"],
+        None,
+        1,
+        ["--threads 1000 is more than this device has", "CPUs"],
+    ),
     (["prompt", "hi", "--temperature", "nan"], None, 2, ["between 0 and 5 (got nan)"]),
     (["prompt", "hi", "--temperature", "inf"], None, 2, ["between 0 and 5 (got inf)"]),
     (["prompt", "hi", "--temperature", "-1"], None, 2, ["between 0 and 5 (got -1)"]),

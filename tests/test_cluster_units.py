@@ -222,3 +222,22 @@ def test_a_device_with_another_rpc_protocol_is_not_planned_onto(tmp_path: Path) 
             await cluster.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("declared", [False, True], ids=["measured", "declared"])
+def test_memory_a_reload_gives_back_counts_only_where_it_was_measured(
+    tmp_path: Path, declared: bool
+) -> None:
+    """A measured figure drops while a model is loaded, so a re-plan credits it back; a
+    configured one (memory_override_mb, a devices file) never dropped."""
+    config = with_overrides(Config(), state_dir=str(tmp_path), network_mdns=False)
+    cluster = Cluster(
+        config, Identity(NODE, "me", "127.0.0.1:9"), None, busy=lambda: False, model=pb.ModelInfo
+    )
+    cluster.set_device(
+        pb.DeviceProfile(
+            id=NODE, memory_total_bytes=4 * GIB, memory_usable_bytes=GIB, memory_declared=declared
+        )
+    )
+    (me,) = cluster.capacities(extra_local_bytes=GIB)
+    assert me.usable_bytes == (GIB if declared else 2 * GIB)

@@ -80,6 +80,7 @@ class DeviceProfile(_message.Message):
     SHARE_BYTES_FIELD_NUMBER: _builtins.int
     RPC_PROTOCOL_FIELD_NUMBER: _builtins.int
     PROBLEM_FIELD_NUMBER: _builtins.int
+    MEMORY_DECLARED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     address: _builtins.str
@@ -110,6 +111,8 @@ class DeviceProfile(_message.Message):
     """the llama.cpp RPC protocol it speaks, e.g. "rpc 7.0.0" """
     problem: _builtins.str
     """why the root does not plan onto it, when it does not"""
+    memory_declared: _builtins.bool
+    """its usable memory is a configured figure, not measured"""
     def __init__(
         self,
         *,
@@ -130,10 +133,11 @@ class DeviceProfile(_message.Message):
         share_bytes: _builtins.int = ...,
         rpc_protocol: _builtins.str = ...,
         problem: _builtins.str = ...,
+        memory_declared: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "declared", b"declared", "id", b"id", "layers", b"layers", "load", b"load", "memory_limit_bytes", b"memory_limit_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_usable_bytes", b"memory_usable_bytes", "name", b"name", "problem", b"problem", "rank", b"rank", "role", b"role", "rpc_protocol", b"rpc_protocol", "share_bytes", b"share_bytes", "speed", b"speed", "state", b"state", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "declared", b"declared", "id", b"id", "layers", b"layers", "load", b"load", "memory_declared", b"memory_declared", "memory_limit_bytes", b"memory_limit_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_usable_bytes", b"memory_usable_bytes", "name", b"name", "problem", b"problem", "rank", b"rank", "role", b"role", "rpc_protocol", b"rpc_protocol", "share_bytes", b"share_bytes", "speed", b"speed", "state", b"state", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
