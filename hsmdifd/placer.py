@@ -181,8 +181,12 @@ class Placer:
             elif not task.cancelled():
                 task.exception()  # retrieved, whether raised above or not
         log.info("%s", result.note)
-        stage = "quantized" if result.made else "checking"
-        yield pb.LoadEvent(progress=pb.LoadProgress(fraction=1.0, stage=stage, note=result.note))
+        done = pb.LoadProgress(
+            fraction=1.0 if result.made else 0.0,
+            stage="quantized" if result.made else "checking",
+            note=result.note,
+        )
+        yield pb.LoadEvent(progress=done)
         yield result.path
 
     async def planned_copy(self, shape: ModelShape, level: str) -> ModelShape:

@@ -13,10 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import psutil
 import pytest
 
 from hsmdifd import quantize as q
+from hsmdifd.config import Config, StateConfig
+from hsmdifd.errors import RequestError
+from hsmdifd.placer import Placer
 from tests.conftest import Daemon, MakeDaemon
 from tests.tinymodel import write_tiny_llama
 
@@ -185,3 +189,35 @@ def quantizers(pid: int) -> list[int]:
         except psutil.NoSuchProcess:
             continue
     return found
+
+
+async def refusal(placer: Placer, source: Path) -> RequestError:
+    with pytest.raises(RequestError) as caught:
+        async for _ in placer.quantized(source, "4bit", 1):
+            pass
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (q.NoRoomError("needs up to 1.00 GiB"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (q.QuantizeError("llama.cpp could not"), grpc.StatusCode.FAILED_PRECONDITION),
+    ],
+)
+def test_a_refused_quantization_is_a_sentence_with_its_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: q.QuantizeError, code: Any
+) -> None:
+    async def refuse(*args: Any) -> q.Quantized:
+        raise error
+
+    monkeypatch.setattr(q, "quantize", refuse)
+    placer = Placer(Config(state=StateConfig(dir=str(tmp_path))), None, None)  # type: ignore[arg-type]
+    refused = asyncio.run(refusal(placer, tmp_path / "m.gguf"))
+    assert (refused.code, str(refused)) == (code, str(error))
+
+
+def test_a_missing_source_is_not_found(tmp_path: Path) -> None:
+    placer = Placer(Config(state=StateConfig(dir=str(tmp_path))), None, None)  # type: ignore[arg-type]
+    refused = asyncio.run(refusal(placer, tmp_path / "nowhere.gguf"))
+    assert refused.code == grpc.StatusCode.NOT_FOUND and "model file not found" in str(refused)
