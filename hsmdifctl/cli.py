@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--max-seq-len", type=context_length, default=0, metavar="N")
     load.add_argument("--threads", type=threads, default=0, metavar="N")
     load.add_argument("--strategy", choices=["capacity", "latency"], default="")
+    load.add_argument(
+        "--quantize",
+        choices=["4bit", "8bit"],
+        default="",
+        help="load an F32, F16 or BF16 model as a Q4_K_M or Q8_0 copy, made once and kept "
+        "on the root (default: [model] quantize of the root's configuration)",
+    )
 
     plan = sub.add_parser(
         "plan", parents=[common], help="show how a model would be split, without loading it"
@@ -143,7 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="plan a hypothetical model of N parameters (e.g. 30e9), no file needed",
     )
-    plan.add_argument("--quantize", choices=["4bit", "8bit"], default="")
+    plan.add_argument(
+        "--quantize",
+        choices=["4bit", "8bit"],
+        default="",
+        help="with MODEL: plan its quantized copy, without quantizing; "
+        "with --num-parameters: the hypothetical model's quantization",
+    )
 
     sub.add_parser("unload", parents=[common], help="unload the model")
 
@@ -211,12 +224,19 @@ def cmd_devices(s: Session, args: argparse.Namespace) -> None:
 def cmd_load(s: Session, args: argparse.Namespace) -> None:
     model = absolute(args.model)
     request = pb.LoadRequest(
-        model_path=model, max_seq_len=args.max_seq_len, threads=args.threads, strategy=args.strategy
+        model_path=model,
+        max_seq_len=args.max_seq_len,
+        threads=args.threads,
+        strategy=args.strategy,
+        quantize=args.quantize,
     )
     progress = render.Progress("Loading")
     try:
         for event in s.events(s.stub.Load(request)):
             if event.HasField("progress"):
+                if event.progress.note:
+                    progress.clear()
+                    print(event.progress.note, file=s.err)
                 progress.update(event.progress.fraction, event.progress.stage)
             else:
                 progress.clear()
@@ -236,7 +256,7 @@ def absolute(model: str) -> str:
 
 
 def cmd_plan(s: Session, args: argparse.Namespace) -> None:
-    if bool(args.num_parameters) != bool(args.quantize):
+    if args.num_parameters and not args.quantize:
         raise UsageError("--num-parameters and --quantize go together")
     if args.num_parameters and args.model:
         raise UsageError("give a MODEL file or --num-parameters, not both")

@@ -196,17 +196,19 @@ class Progress:
         self._label = label
         self._out = out
         self._shown = False
-        self._last = -1
+        self._last: tuple[int, str] = (-1, "")
 
     def update(self, fraction: float, stage: str = "") -> None:
         if not self._out.isatty():
             return
         percent = int(fraction * 100)
-        if percent == self._last:
+        if (percent, stage) == self._last:
             return
-        self._last = percent
+        self._last = (percent, stage)
         bar = "#" * (percent // 5)
-        self._out.write(f"\r{self._label} [{bar:<20}] {percent:3d}% {stage:<10}")
+        # The stage may be long ("quantizing to Q4_K_M: blk.0.ffn_down.weight"): what a
+        # longer one left is cleared to the end of the line.
+        self._out.write(f"\r{self._label} [{bar:<20}] {percent:3d}% {stage:<10}\033[K")
         self._out.flush()
         self._shown = True
 

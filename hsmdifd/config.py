@@ -88,6 +88,9 @@ class ModelConfig:
     """Seconds an idle model stays loaded; 0 keeps it loaded until unloaded."""
     strategy: str = "capacity"
     """How layers are split over devices: "capacity" or "latency"."""
+    quantize: str = ""
+    """Load an F32, F16 or BF16 model as a cached "4bit" (Q4_K_M) or "8bit" (Q8_0) copy
+    when the load does not say; empty loads files as they are."""
 
 
 DEFAULT_API_LISTEN = "127.0.0.1:9998"
@@ -249,6 +252,11 @@ def _validate(config: Config, file: str) -> None:
         (
             config.model.strategy in ("capacity", "latency"),
             '\'model.strategy\' must be "capacity" or "latency"',
+        ),
+        (
+            config.model.quantize in ("", "4bit", "8bit"),
+            '\'model.quantize\' must be "4bit", "8bit" or "" (load files as they are), '
+            f"not {config.model.quantize!r}",
         ),
         (config.timing.heartbeat_interval > 0, "'timing.heartbeat_interval' must be > 0"),
         (

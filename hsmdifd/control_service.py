@@ -82,6 +82,7 @@ def check_load(request: pb.LoadRequest) -> None:
     check_path(request.model_path)
     check_context(request.max_seq_len)
     check_strategy(request.strategy)
+    check_quantize(request.quantize)
     if request.threads > limits.MAX_THREADS:
         raise _invalid(
             f"--threads {request.threads:,} is more than the engine can use (at most "
@@ -93,15 +94,20 @@ def check_plan(request: pb.PlanRequest) -> None:
     check_path(request.model_path)
     check_context(request.max_seq_len)
     check_strategy(request.strategy)
-    if request.num_parameters or request.quantize:
-        n = request.num_parameters
-        if not limits.MIN_PARAMETERS <= n <= limits.MAX_PARAMETERS:  # NaN fails too
-            raise _invalid(
-                f"--num-parameters must be a number between {limits.MIN_PARAMETERS:g} and "
-                f"{limits.MAX_PARAMETERS:g} (got {n:g})"
-            )
-        if request.quantize not in _QUANTIZE:
-            raise _invalid(f"--quantize must be 4bit or 8bit (got {quoted(request.quantize)})")
+    check_quantize(request.quantize, required=bool(request.num_parameters))
+    n = request.num_parameters
+    if n and not limits.MIN_PARAMETERS <= n <= limits.MAX_PARAMETERS:  # NaN fails too
+        raise _invalid(
+            f"--num-parameters must be a number between {limits.MIN_PARAMETERS:g} and "
+            f"{limits.MAX_PARAMETERS:g} (got {n:g})"
+        )
+    if n and request.model_path:
+        raise _invalid("give a model file or --num-parameters, not both")
+
+
+def check_quantize(quantize: str, required: bool = False) -> None:
+    if (quantize or required) and quantize not in _QUANTIZE:
+        raise _invalid(f"--quantize must be 4bit or 8bit (got {quoted(quantize)})")
 
 
 def check_priority(request: pb.SetPriorityRequest) -> None:

@@ -42,10 +42,10 @@ import re
 import stat
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
@@ -295,7 +295,32 @@ def read_model_shape(path: str | os.PathLike[str]) -> ModelShape:
     Raises a ModelFileError (ModelNotFoundError when it is missing) if the file is one
     llama.cpp could not load, with a sentence saying what is wrong and what to do.
     """
-    p = Path(path)
+    return _read_header(Path(path), _shape)
+
+
+class TensorTable(NamedTuple):
+    data_start: int
+    """Where the tensor data starts in the file: the header's size, aligned."""
+    tensors: tuple[Tensor, ...]
+
+
+def read_tensor_table(path: str | os.PathLike[str]) -> TensorTable:
+    """The tensor descriptions of the GGUF file at `path` (no tensor data), read as fast
+    as its shape and with the same checks of the header and the same errors; not the
+    checks of the metadata a load needs (read_model_shape does those)."""
+
+    def table(p: Path, shown: str, size: int, header: _Header, buf: mmap.mmap) -> TensorTable:
+        return TensorTable(header.data_start, tuple(header.tensors))
+
+    return _read_header(Path(path), table)
+
+
+_R = TypeVar("_R")
+
+
+def _read_header(p: Path, then: Callable[[Path, str, int, _Header, mmap.mmap], _R]) -> _R:
+    """Parse the header of `p`, within the budget above, and hand it to `then`;
+    every failure a ModelFileError with a sentence."""
     size = _regular_file_size(p)
     shown = shorten(str(p), 200)
     try:
@@ -307,7 +332,7 @@ def read_model_shape(path: str | os.PathLike[str]) -> ModelShape:
                 )
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 header = _parse(buf, time.monotonic() + HEADER_SECONDS)
-                return _shape(p, shown, len(buf), header, buf)
+                return then(p, shown, len(buf), header, buf)
     except PermissionError:
         raise ModelUnreadableError(
             f"permission denied reading {shown}; make it readable by the user hsmdifd runs as"
@@ -409,7 +434,9 @@ class _Value(NamedTuple):
     value: int | float | bool | _Str | _Array
 
 
-class _Tensor(NamedTuple):
+class Tensor(NamedTuple):
+    """One tensor's description in the header."""
+
     name: str
     qtype: GGMLQuantizationType
     dims: tuple[int, ...]  # ggml order: ne[0] first
@@ -419,7 +446,7 @@ class _Tensor(NamedTuple):
 
 class _Header(NamedTuple):
     metadata: dict[bytes, _Value]
-    tensors: list[_Tensor]
+    tensors: list[Tensor]
     data_start: int
 
 
@@ -633,7 +660,7 @@ def _parse(buf: mmap.mmap, deadline: float) -> _Header:
         metadata[key] = cur.value(key, cur.u32())
     alignment = _alignment(metadata)
 
-    tensors: list[_Tensor] = []
+    tensors: list[Tensor] = []
     names: set[str] = set()
     for i in range(n_tensors):
         cur.check_time()
@@ -661,7 +688,7 @@ def _alignment(metadata: dict[bytes, _Value]) -> int:
     return value
 
 
-def _read_tensor_info(cur: _Cursor, index: int) -> _Tensor:
+def _read_tensor_info(cur: _Cursor, index: int) -> Tensor:
     s = cur.string(_MAX_STRING, f"the name of tensor {index:,}")
     name = cur.text(_Str(s.start, min(s.length, _MAX_TENSOR_NAME + 1)))
     if s.length > _MAX_TENSOR_NAME:
@@ -692,13 +719,13 @@ def _read_tensor_info(cur: _Cursor, index: int) -> _Tensor:
             f"tensor {name!r} of type {qtype.name} has rows of {dims[0]:,} values, not a "
             f"multiple of its block size ({block_size})"
         )
-    return _Tensor(name, qtype, dims, n_elements // block_size * type_size, offset)
+    return Tensor(name, qtype, dims, n_elements // block_size * type_size, offset)
 
 
-def _check_layout(tensors: list[_Tensor], alignment: int) -> None:
+def _check_layout(tensors: list[Tensor], alignment: int) -> None:
     """llama.cpp reads the tensors back to back, in header order, each aligned."""
     expected = 0
-    previous: _Tensor | None = None
+    previous: Tensor | None = None
     for t in tensors:
         if t.offset != expected:
             if previous is not None and t.offset < expected:
@@ -785,7 +812,7 @@ class _Meta:
         return items
 
 
-def _blocks(tensors: Iterable[_Tensor]) -> set[int]:
+def _blocks(tensors: Iterable[Tensor]) -> set[int]:
     return {int(m.group(1)) for t in tensors if (m := _LAYER_TENSOR.match(t.name))}
 
 
@@ -958,7 +985,7 @@ def _check_tensors(
     meta: _Meta,
     arch: str,
     *,
-    tensors: list[_Tensor],
+    tensors: list[Tensor],
     n_layer: int,
     dims: dict[str, int],
     heads: list[int],

@@ -430,13 +430,12 @@ class Membership:
                     return
             else:
                 left = float("inf")
-            if link.proven is None:
-                if not await self._hello(address, link):
-                    if record.hinted:  # an address nobody listed: ask less and less often
-                        backoff = min(backoff * 2, 8.0)
-                    pause = min(backoff - (loop.time() - started), left)
-                    await asyncio.sleep(max(0.0, pause))
-                    continue
+            if link.proven is None and not await self._hello(address, link):
+                if record.hinted:  # an address nobody listed: ask less and less often
+                    backoff = min(backoff * 2, 8.0)
+                pause = min(backoff - (loop.time() - started), left)
+                await asyncio.sleep(max(0.0, pause))
+                continue
             backoff = self.interval
             try:
                 reply = await link.stub.Status(self._local_status(), timeout=2 * self.interval)

@@ -78,13 +78,15 @@ class Models:
 
     async def describe(self, request: pb.PlanRequest) -> pb.PlanReply:
         """The plan for a model, without loading anything."""
-        if request.num_parameters or request.quantize:
+        if request.num_parameters:
             try:
                 shape = planner.hypothetical_shape(request.num_parameters, request.quantize)
             except ValueError as e:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         else:
             shape = await self._placer.shape(request.model_path)
+            if level := self._placer.quantize_level(request.quantize):
+                shape = await self._placer.planned_copy(shape, level)
         plan = self._placer.plan(
             shape, request.max_seq_len, request.strategy, self._engine.footprint()
         )

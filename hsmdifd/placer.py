@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from hsmdifd import election, planner
+from hsmdifd import election, planner, quantize
 from hsmdifd.bundled import ensure_bundled_model
 from hsmdifd.cluster import Cluster, Held
 from hsmdifd.config import Config
@@ -27,6 +27,7 @@ from hsmdifd.gguf_model import (
     ModelFileError,
     ModelNotFoundError,
     ModelShape,
+    ModelUnreadableError,
     estimate_memory,
     read_model_shape,
 )
@@ -122,21 +123,91 @@ class Placer:
 
     async def shape(self, model_path: str) -> ModelShape:
         """The checked header of `model_path` (empty: the default model)."""
+        return await self.read_shape(await self.source(model_path))
+
+    async def source(self, model_path: str) -> Path:
+        """The file `model_path` names (empty: the default model, prepared when bundled)."""
         path = model_path or self._config.model.default
         if not path:
             try:
-                path = str(await asyncio.to_thread(ensure_bundled_model, self._config.state_dir))
+                return await asyncio.to_thread(ensure_bundled_model, self._config.state_dir)
             except (OSError, ValueError) as e:
                 raise RequestError(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"cannot prepare the bundled model in {self._config.state_dir}: {e}",
                 ) from e
+        return Path(path).expanduser()
+
+    async def read_shape(self, path: Path) -> ModelShape:
+        """The checked header of the file at `path`."""
         try:
-            return await asyncio.to_thread(read_model_shape, Path(path).expanduser())
-        except ModelNotFoundError as e:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, str(e)) from e
+            return await asyncio.to_thread(read_model_shape, path)
         except ModelFileError as e:
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from e
+            raise _model_file_refused(e) from e
+
+    def quantize_level(self, asked: str) -> str:
+        """The quantization a request asks for ("4bit", "8bit"), else the configured one."""
+        return asked or self._config.model.quantize
+
+    async def quantized(
+        self, source: Path, level: str, threads: int
+    ) -> AsyncGenerator[pb.LoadEvent | Path, None]:
+        """Quantize `source` to `level` (or find its copy): the quantizer's progress, then
+        its note, as load events; last, the file to load. Closing this early (a cancelled
+        load) ends the quantizer, which leaves no partial file."""
+        events: asyncio.Queue[pb.LoadEvent | None] = asyncio.Queue()
+
+        def progress(fraction: float, stage: str) -> None:
+            step = pb.LoadProgress(fraction=fraction, stage=stage)
+            events.put_nowait(pb.LoadEvent(progress=step))
+
+        state_dir = self._config.state_dir
+        task = asyncio.ensure_future(quantize.quantize(source, level, state_dir, progress, threads))
+        task.add_done_callback(lambda _: events.put_nowait(None))
+        try:
+            while (event := await events.get()) is not None:
+                yield event
+            result = task.result()
+        except quantize.NoRoomError as e:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except quantize.QuantizeError as e:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+        except ModelFileError as e:
+            raise _model_file_refused(e) from e
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+            elif not task.cancelled():
+                task.exception()  # retrieved, whether raised above or not
+        log.info("%s", result.note)
+        done = pb.LoadProgress(
+            fraction=1.0 if result.made else 0.0,
+            stage="quantized" if result.made else "checking",
+            note=result.note,
+        )
+        yield pb.LoadEvent(progress=done)
+        yield result.path
+
+    async def planned_copy(self, shape: ModelShape, level: str) -> ModelShape:
+        """`shape` as its `level` copy would load, without quantizing: the copy's own
+        shape when it is cached, `shape` itself when the file is quantized already, else
+        `shape` scaled to the estimated size of the copy."""
+        source = Path(shape.path)
+        try:
+            if await asyncio.to_thread(quantize.quantized_types, source):
+                return shape
+            cached = quantize.cache_path(source, self._config.state_dir, level)
+            if cached.exists():
+                return await self.read_shape(cached)
+            size = await asyncio.to_thread(quantize.estimate_bytes, source, level)
+        except quantize.QuantizeError as e:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except ModelFileError as e:
+            raise _model_file_refused(e) from e
+        except OSError as e:
+            raise _model_file_refused(ModelUnreadableError(f"cannot read {source}: {e}")) from e
+        return planner.quantized_shape(shape, size, repacked=level == "4bit")
 
     def plan(
         self, shape: ModelShape, n_ctx: int, strategy: str, extra_local: int = 0
@@ -217,7 +288,18 @@ class Placer:
         if self._loaded is not None and self._engine.state != pb.READY:
             await self.unload()  # the engine died under it: its leases go too
         threads = self.threads(request)
-        shape = known[0] if known else await self.shape(request.model_path)
+        if known is not None:
+            shape = known[0]
+        else:
+            path = await self.source(request.model_path)
+            if level := self.quantize_level(request.quantize):
+                async with contextlib.aclosing(self.quantized(path, level, threads)) as steps:
+                    async for step in steps:
+                        if isinstance(step, Path):
+                            path = step
+                        else:
+                            yield step
+            shape = await self.read_shape(path)
         old = self._loaded  # what serves now: kept, or loaded again if it must go first
         for attempt in (1, 2):
             if known is not None and attempt == 1:
@@ -355,6 +437,13 @@ class Placer:
         if loaded is not None:
             await self._cluster.release_leases(list(loaded.leases))
         return was_loaded
+
+
+def _model_file_refused(error: ModelFileError) -> RequestError:
+    code = grpc.StatusCode.NOT_FOUND
+    if not isinstance(error, ModelNotFoundError):
+        code = grpc.StatusCode.FAILED_PRECONDITION
+    return RequestError(code, str(error))
 
 
 async def name_lost_worker(error: RequestError, leases: tuple[Held, ...]) -> RequestError:

@@ -14,6 +14,7 @@ network hop. The pipeline is sequential, so the plan's time is the sum of the sh
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from collections.abc import Sequence
@@ -351,4 +352,27 @@ def hypothetical_shape(
         key_length=_HEAD_DIM,
         value_length=_HEAD_DIM,
         repack_bytes=n_layer * layer + embedding if quantize == "4bit" else 0,
+    )
+
+
+def quantized_shape(shape: ModelShape, size_bytes: int, repacked: bool) -> ModelShape:
+    """`shape` as a quantized copy of `size_bytes` would have it, without the copy at hand
+    (`hsmdifctl plan MODEL --quantize`): its weights scaled to what the copy's size leaves
+    after the header, every layer, the non-repeating tensors and the output by the same
+    ratio. `repacked`: the layers' matrices become a type the CPU backend repacks (Q4_K),
+    so the root holds them twice."""
+    if size_bytes < 0:
+        raise ValueError("size_bytes must be >= 0")
+    header = max(0, shape.size_bytes - shape.weight_bytes)
+    weights = max(0, size_bytes - header)
+    ratio = weights / shape.weight_bytes if shape.weight_bytes else 0.0
+    layers = tuple(round(b * ratio) for b in shape.layer_bytes)
+    nonrepeating = max(0, weights - sum(layers))
+    return dataclasses.replace(
+        shape,
+        size_bytes=header + sum(layers) + nonrepeating,
+        layer_bytes=layers,
+        nonrepeating_bytes=nonrepeating,
+        output_bytes=min(round(shape.output_bytes * ratio), nonrepeating),
+        repack_bytes=sum(layers) if repacked else 0,
     )

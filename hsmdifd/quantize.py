@@ -28,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
+from gguf.constants import GGMLQuantizationType
 
-from hsmdifd.gguf_model import read_model_shape
+from hsmdifd.gguf_model import read_model_shape, read_tensor_table
 
 GIB = 1024**3
 MARGIN_BYTES = 16 * 1024 * 1024  # for the file system's own needs, beyond the estimate
@@ -52,9 +52,9 @@ LEVELS = {
 }
 _FALLBACK_BYTES_PER_WEIGHT = 34 / 32  # a row that is not whole K-blocks falls back, at most Q8_0
 _FLOAT_TYPES = {
-    gguf.GGMLQuantizationType.F32,
-    gguf.GGMLQuantizationType.F16,
-    gguf.GGMLQuantizationType.BF16,
+    GGMLQuantizationType.F32,
+    GGMLQuantizationType.F16,
+    GGMLQuantizationType.BF16,
 }
 _PROGRESS = re.compile(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
 
@@ -63,6 +63,10 @@ Progress = Callable[[float, str], None]
 
 class QuantizeError(Exception):
     """A quantization that cannot be done; the message says why and what to do."""
+
+
+class NoRoomError(QuantizeError):
+    """No room for the quantized copy in the cache; the message gives the figures."""
 
 
 @dataclass(frozen=True)
@@ -93,27 +97,32 @@ def cache_path(source: Path, state_dir: Path, name: str) -> Path:
 
 
 def estimate_bytes(source: Path, name: str) -> int:
-    """An upper bound of the quantized file's size: the header, and each tensor at most."""
+    """An upper bound of the quantized file's size: the header, and each tensor at most.
+
+    Read with the daemon's own header reader: milliseconds, where gguf.GGUFReader takes
+    seconds on a large vocabulary."""
     per_weight = level(name).bytes_per_weight
-    reader = gguf.GGUFReader(source)
-    total = min(t.data_offset for t in reader.tensors) if reader.tensors else 0
-    for t in reader.tensors:
-        if len(t.shape) < 2 or t.tensor_type not in _FLOAT_TYPES:
-            total += int(t.n_bytes)  # norms and biases stay as they are
+    table = read_tensor_table(source)
+    total = table.data_start
+    for t in table.tensors:
+        if len(t.dims) < 2 or t.qtype not in _FLOAT_TYPES:
+            total += t.n_bytes  # norms and biases stay as they are
             continue
-        whole_blocks = int(t.shape[0]) % 256 == 0
+        n_elements = 1
+        for d in t.dims:
+            n_elements *= d
+        whole_blocks = t.dims[0] % 256 == 0
         bound = per_weight if whole_blocks else max(per_weight, _FALLBACK_BYTES_PER_WEIGHT)
-        total += min(int(t.n_bytes), int(int(t.n_elements) * bound) + 64)
+        total += min(t.n_bytes, int(n_elements * bound) + 64)
     return total
 
 
 def quantized_types(source: Path) -> set[str]:
     """The non-float types of the source's matrices: empty when it can be quantized."""
-    reader = gguf.GGUFReader(source)
     return {
-        t.tensor_type.name
-        for t in reader.tensors
-        if len(t.shape) >= 2 and t.tensor_type not in _FLOAT_TYPES
+        t.qtype.name
+        for t in read_tensor_table(source).tensors
+        if len(t.dims) >= 2 and t.qtype not in _FLOAT_TYPES
     }
 
 
@@ -153,7 +162,7 @@ async def quantize(
         ) from None
     needed = await asyncio.to_thread(estimate_bytes, source, name) + MARGIN_BYTES
     if free < needed:
-        raise QuantizeError(
+        raise NoRoomError(
             f"quantizing {source} to {target_level.name} needs up to {needed / GIB:.2f} GiB "
             f"in {target.parent}, which has {free / GIB:.2f} GiB free: free some space there, "
             f"or quantize elsewhere with `llama-quantize` and load that file"

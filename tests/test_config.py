@@ -54,6 +54,10 @@ def test_values_are_read(tmp_path: Path) -> None:
         ("[network]\nport = 70000\n", "'network.port' must be between 1 and 65535"),
         ("[model]\ncontext_length = 2\n", "'model.context_length' must be at least 16"),
         ("[timing]\ndead_after = 0.1\n", "'timing.dead_after' must be longer"),
+        (
+            "[model]\nquantize = 'q4'\n",
+            '\'model.quantize\' must be "4bit", "8bit" or "" (load files as they are), not \'q4\'',
+        ),
         ("[network\n", "not valid TOML"),
     ],
 )

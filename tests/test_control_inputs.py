@@ -49,6 +49,7 @@ def refusal(check: Any, request: Message, *args: Any) -> str:
         (pb.LoadRequest(max_seq_len=3), "(got 3)"),
         (pb.LoadRequest(threads=100_000), "--threads 100,000 is more than the engine can use"),
         (pb.LoadRequest(strategy=LONG), "unknown strategy 'xxxxxxxx"),
+        (pb.LoadRequest(quantize="2bit"), "--quantize must be 4bit or 8bit (got '2bit')"),
     ],
 )
 def test_load_refusals(request_: pb.LoadRequest, says: str) -> None:
@@ -63,6 +64,9 @@ def test_load_refusals(request_: pb.LoadRequest, says: str) -> None:
         (pb.PlanRequest(num_parameters=-1, quantize="4bit"), "(got -1)"),
         (pb.PlanRequest(num_parameters=1e9, quantize="3bit"), "--quantize must be 4bit or 8bit"),
         (pb.PlanRequest(model_path="a\0"), "holds a NUL byte"),
+        (pb.PlanRequest(model_path="m.gguf", quantize="q4"), "--quantize must be 4bit or 8bit"),
+        (pb.PlanRequest(num_parameters=1e9), "--quantize must be 4bit or 8bit (got '')"),
+        (pb.PlanRequest(num_parameters=1e9, quantize="4bit", model_path="m"), "not both"),
     ],
 )
 def test_plan_refusals(request_: pb.PlanRequest, says: str) -> None:

@@ -16,6 +16,7 @@ from hsmdifd.gguf_model import (
     ModelNotFoundError,
     estimate_memory,
     read_model_shape,
+    read_tensor_table,
 )
 from tests.tinymodel import (
     DEFAULT_TEMPLATE,
@@ -255,3 +256,29 @@ def test_model_shape_is_a_hashable_value(tiny: Path) -> None:
 
     assert read_model_shape(tiny) == shape
     assert hash(read_model_shape(tiny)) == hash(shape)
+
+
+def test_the_tensor_table_is_what_gguf_reads(tiny: Path) -> None:
+    reader = gguf.GGUFReader(tiny)
+    table = read_tensor_table(tiny)
+    assert table.data_start == min(t.data_offset for t in reader.tensors)
+    assert [(t.name, t.qtype, t.dims, t.n_bytes) for t in table.tensors] == [
+        (t.name, t.tensor_type, tuple(int(d) for d in t.shape), int(t.n_bytes))
+        for t in reader.tensors
+    ]
+
+
+def test_an_already_quantized_file_is_recognised_in_milliseconds(gemma: Path) -> None:
+    from hsmdifd.quantize import quantized_types
+
+    started = time.perf_counter()
+    types = quantized_types(gemma)
+    assert time.perf_counter() - started < 0.5  # gguf.GGUFReader took 9.5 s
+    assert "Q4_K" in types and not types & {"F32", "F16", "BF16"}
+
+
+def test_the_tensor_table_refuses_what_the_shape_refuses(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError):
+        read_tensor_table(tmp_path / "absent.gguf")
+    with pytest.raises(ModelFileError, match="not a GGUF model file"):
+        read_tensor_table(write_garbage(tmp_path / "garbage.gguf", 4096))

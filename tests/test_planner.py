@@ -3,6 +3,7 @@ clusters, checked against a brute-force search and llama.cpp's layer assignment.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import re
@@ -22,6 +23,7 @@ from hsmdifd.planner import (
     Strategy,
     hypothetical_shape,
     plan,
+    quantized_shape,
 )
 
 GiB = 1 << 30
@@ -358,3 +360,37 @@ def test_latency_is_never_predicted_slower_than_capacity(
     assert latency.shares[-1].device == capacity.shares[-1].device  # the same devices
     slower = latency.predicted_seconds_per_token - capacity.predicted_seconds_per_token
     assert slower <= 1e-9 * capacity.predicted_seconds_per_token
+
+
+@settings(deadline=None)
+@given(shape=shapes(), size=mebibytes(2048), repacked=st.booleans())
+def test_a_quantized_shape_has_the_size_asked_in_the_same_proportions(
+    shape: ModelShape, size: int, repacked: bool
+) -> None:
+    quantized = quantized_shape(shape, size, repacked)
+    # size_bytes is 0 in the generated shapes: no header, the weights are the size.
+    assert abs(quantized.weight_bytes - size) <= shape.n_layer
+    assert quantized.size_bytes == quantized.weight_bytes
+    ratio = size / shape.weight_bytes if shape.weight_bytes else 0.0
+    for before, after in zip(shape.layer_bytes, quantized.layer_bytes, strict=True):
+        assert after == round(before * ratio)
+    assert quantized.output_bytes <= quantized.nonrepeating_bytes
+    assert quantized.repack_bytes == (sum(quantized.layer_bytes) if repacked else 0)
+    unchanged = ("n_layer", "n_embd", "n_head", "n_vocab", "kv_bytes_per_token_per_layer")
+    assert all(getattr(quantized, k) == getattr(shape, k) for k in unchanged)
+
+
+def test_a_quantized_shape_keeps_the_header_and_plans_smaller() -> None:
+    f16 = dataclasses.replace(
+        hypothetical_shape(7e9, "8bit"), size_bytes=0, repack_bytes=0, path="/m/f16.gguf"
+    )
+    f16 = dataclasses.replace(f16, size_bytes=f16.weight_bytes + 4 * MIB)  # a 4 MiB header
+    estimate = f16.size_bytes // 3
+    quantized = quantized_shape(f16, estimate, repacked=True)
+    assert quantized.size_bytes == estimate
+    assert quantized.weight_bytes == estimate - 4 * MIB
+    assert quantized.path == f16.path
+    devices = [device(0, 64 * GiB)]
+    assert plan(quantized, 2048, devices).model_bytes < plan(f16, 2048, devices).model_bytes
+    with pytest.raises(ValueError):
+        quantized_shape(f16, -1, repacked=False)

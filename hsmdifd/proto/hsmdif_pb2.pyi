@@ -278,7 +278,7 @@ class PlanRequest(_message.Message):
     num_parameters: _builtins.float
     """with quantize: a hypothetical model, no file"""
     quantize: _builtins.str
-    """"4bit" or "8bit" """
+    """"4bit" or "8bit"; with a file: its quantized size, estimated"""
     def __init__(
         self,
         *,
@@ -523,6 +523,7 @@ class LoadRequest(_message.Message):
     MAX_SEQ_LEN_FIELD_NUMBER: _builtins.int
     THREADS_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
+    QUANTIZE_FIELD_NUMBER: _builtins.int
     model_path: _builtins.str
     """empty: the configured default model"""
     max_seq_len: _builtins.int
@@ -531,6 +532,8 @@ class LoadRequest(_message.Message):
     """0: the configured thread count"""
     strategy: _builtins.str
     """"capacity" or "latency"; empty: the configured one"""
+    quantize: _builtins.str
+    """"4bit" or "8bit": load a quantized copy; empty: the configured one"""
     def __init__(
         self,
         *,
@@ -538,10 +541,11 @@ class LoadRequest(_message.Message):
         max_seq_len: _builtins.int = ...,
         threads: _builtins.int = ...,
         strategy: _builtins.str = ...,
+        quantize: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_seq_len", b"max_seq_len", "model_path", b"model_path", "strategy", b"strategy", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_seq_len", b"max_seq_len", "model_path", b"model_path", "quantize", b"quantize", "strategy", b"strategy", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -553,19 +557,23 @@ class LoadProgress(_message.Message):
 
     FRACTION_FIELD_NUMBER: _builtins.int
     STAGE_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
     fraction: _builtins.float
     """0..1"""
     stage: _builtins.str
-    """"checking", "weights", "context", ..."""
+    """"checking", "quantizing", "weights", "context", ..."""
+    note: _builtins.str
+    """a sentence for the person, said once (the quantized copy used)"""
     def __init__(
         self,
         *,
         fraction: _builtins.float = ...,
         stage: _builtins.str = ...,
+        note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fraction", b"fraction", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fraction", b"fraction", "note", b"note", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
