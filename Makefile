@@ -21,7 +21,7 @@ help:
 	@echo "make demo     set up, start a daemon, answer one prompt with the bundled model"
 	@echo "make test     set up and run lint, types and the whole test suite"
 	@echo "make install  install hsmdifd as a systemd service (root)"
-	@echo "make proto    regenerate hsmdifd/proto from proto/hsmdif.proto"
+	@echo "make proto    regenerate hsmdif/proto from proto/hsmdif.proto"
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
@@ -87,8 +87,8 @@ unit: venv
 test: check
 
 proto: venv
-	PATH=$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc -Ihsmdifd/proto=proto \
-	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. hsmdifd/proto/hsmdif.proto
+	PATH=$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc -Ihsmdif/proto=proto \
+	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. hsmdif/proto/hsmdif.proto
 
 # The performance table: bench/results.json, bench/RESULTS.md, bench/results.png (root:
 # the cluster benchmarks use network namespaces). bench-quick takes under 10 minutes.

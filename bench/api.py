@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.standalone import CONTEXT, PROMPT, RESULTS, cache_dir, run_hsmdif
-from hsmdifd.bundled import bundled_model_path
+from hsmdifd.daemon.bundled import bundled_model_path
 
 LEVELS = (1, 2, 4, 8)
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import psutil
 
-from hsmdifd.auth import write_secret_file
-from hsmdifd.gguf_model import ModelShape, estimate_memory
-from hsmdifd.planner import DeviceCapacity, PlanError, plan
+from hsmdifd.cluster.auth import write_secret_file
+from hsmdifd.placement.gguf_model import ModelShape, estimate_memory
+from hsmdifd.placement.planner import DeviceCapacity, PlanError, plan
 from tests.conftest import REPO, Daemon, NotifySocket, free_port_in
 from tests.netns import Cluster, Host
 from tests.test_cluster import agree, view, wait_until
@@ -128,8 +128,10 @@ def run_in(host: Host, code: str, timeout: float = 120) -> str:
 
 
 def measure_speed_in(host: Host, seconds: float = 0.3) -> float:
-    """hsmdifd.profile.measure_speed with one thread, run inside `host` under its quota."""
-    code = f"from hsmdifd.profile import measure_speed; print(measure_speed(1, {seconds}))"
+    """profile.measure_speed with one thread, run inside `host` under its quota."""
+    code = (
+        f"from hsmdifd.placement.profile import measure_speed; print(measure_speed(1, {seconds}))"
+    )
     return float(run_in(host, code))
 
 
@@ -195,7 +197,7 @@ class HandRpc:
             cache = self._cache / host.name
             options = ["--endpoint", endpoint, "--threads", "1", "--cache-dir", str(cache)]
             proc = host.popen(
-                [sys.executable, "-m", "hsmdifd.rpc_worker", *options],
+                [sys.executable, "-m", "hsmdifd.engine.rpc_worker", *options],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
@@ -263,7 +265,7 @@ def splits_for(counts: Sequence[int]) -> tuple[int, list[float]]:
     """n_gpu_layers and tensor_split for layer counts in pipeline order (root first).
 
     The last device with layers after the root also holds the output layer, as
-    hsmdifd.planner.Plan maps it; with no layers off the root, the output is the
+    hsmdifd.placement.planner.Plan maps it; with no layers off the root, the output is the
     last device's all the same.
     """
     remote = list(counts[1:])
@@ -394,9 +396,9 @@ def loaded_plan(d: Daemon) -> dict[str, Any]:
     """The plan of the model the daemon has loaded, with the leased endpoints."""
     import grpc
 
+    from hsmdif.proto import hsmdif_pb2 as pb
+    from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
     from hsmdifctl import render
-    from hsmdifd.proto import hsmdif_pb2 as pb
-    from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(f"unix:{d.socket}") as channel:
         reply = pb_grpc.ControlStub(channel).Status(pb.StatusRequest(), timeout=30)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import PREFIX
-from hsmdifd.auth import write_secret_file
+from hsmdifd.cluster.auth import write_secret_file
 from tests.conftest import Daemon, write_config
 from tests.netns import Cluster, Host
 from tests.test_cluster import agree, root_seen_by, view, wait_until
@@ -42,8 +42,8 @@ def status_round_trips(d: Daemon, n: int) -> list[float]:
     """Milliseconds for `hsmdifctl status` calls over one connection (the CLI's RPC)."""
     import grpc
 
-    from hsmdifd.proto import hsmdif_pb2 as pb
-    from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
+    from hsmdif.proto import hsmdif_pb2 as pb
+    from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
 
     out = []
     with grpc.insecure_channel(f"unix:{d.socket}") as channel:

@@ -42,7 +42,7 @@ from bench.common import (
     scratch_dir,
     usable_for,
 )
-from hsmdifd.gguf_model import read_model_shape
+from hsmdifd.placement.gguf_model import read_model_shape
 
 MODEL = Synthetic(n_layer=10, n_embd=1024, n_ff=2816)
 CPU_QUOTA = 1.0

@@ -10,9 +10,9 @@ are needed (the cgroup limit is the cap plus room for the process itself).
 Rules, all run as llama.cpp RPC by hand (rpc-workers in h1 and h2, the client in h0,
 the root), on the same hosts and model:
 
-- hsmdif's default strategy (hsmdifd.config.ModelConfig.strategy), `capacity` and
-  `latency`: hsmdifd.planner.plan over DeviceCapacity figures with usable memory =
-  the cap and speed = hsmdifd.profile.measure_speed run in each host under its quota
+- hsmdif's default strategy (hsmdifd.daemon.config.ModelConfig.strategy), `capacity` and
+  `latency`: hsmdifd.placement.planner.plan over DeviceCapacity figures with usable memory =
+  the cap and speed = hsmdifd.placement.profile.measure_speed run in each host under its quota
   (the median of three calls);
 - llama.cpp's default: every host, layers in proportion to free memory;
 - exo's rule: the fewest hosts whose memory covers the model, layers in proportion
@@ -51,9 +51,9 @@ from bench.common import (
     run_in,
     splits_for,
 )
-from hsmdifd.config import ModelConfig
-from hsmdifd.gguf_model import ModelShape, estimate_memory, read_model_shape
-from hsmdifd.planner import DeviceCapacity, Plan, Strategy, plan
+from hsmdifd.daemon.config import ModelConfig
+from hsmdifd.placement.gguf_model import ModelShape, estimate_memory, read_model_shape
+from hsmdifd.placement.planner import DeviceCapacity, Plan, Strategy, plan
 from tests.netns import Cluster
 
 MODEL = Synthetic(n_layer=10, n_embd=1024, n_ff=2816)

@@ -28,8 +28,8 @@ import numpy as np
 from bench.common import RESULTS, cache_dir, median, merge_results
 from bench.distributed import MODEL
 from bench.llama_rpc import PROMPT
-from hsmdifd.bundled import ensure_bundled_model
-from hsmdifd.gguf_model import read_model_shape
+from hsmdifd.daemon.bundled import ensure_bundled_model
+from hsmdifd.placement.gguf_model import read_model_shape
 from tests.conftest import REPO
 
 ARRAY_BYTES = 256 * 1024 * 1024

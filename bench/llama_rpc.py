@@ -32,8 +32,8 @@ from typing import Any
 
 import psutil
 
-from hsmdifd import rpc
-from hsmdifd.engine_child import REPEAT_LAST_N, REPEAT_PENALTY
+from hsmdifd.engine import rpc
+from hsmdifd.engine.child import REPEAT_LAST_N, REPEAT_PENALTY
 
 PROMPT = "once upon a time"
 

@@ -1,6 +1,6 @@
 """Memory: hsmdif's estimate versus what llama.cpp takes, per device.
 
-Measured as hsmdifd/gguf_model.py describes: the buffers llama.cpp logs (model, KV,
+Measured as hsmdifd/placement/gguf_model.py describes: the buffers llama.cpp logs (model, KV,
 output, compute) and the growth of the process's RSS from before the model is
 created to after a prompt that fills the context. The figure compared is the larger
 of the two, the memory a device must be able to give: llama.cpp reserves buffers it
@@ -9,7 +9,7 @@ does not log (the vocabulary, the CPU backend's work buffer).
 
 Standalone: the tiny test model, the bundled Gemma 3 270M and the synthetic f32
 model, each loaded alone (estimate: gguf_model.estimate_memory). Split: the
-synthetic model over 3 hosts by llama.cpp RPC by hand, as hsmdifd.planner.plan
+synthetic model over 3 hosts by llama.cpp RPC by hand, as hsmdifd.placement.planner.plan
 places it (estimate: each share's bytes; RSS of the root's client and of each
 rpc-worker). Prints a table and merges `memory` into bench/results.json.
 
@@ -40,9 +40,9 @@ from bench.common import (
     usable_for,
 )
 from bench.distributed import MODEL
-from hsmdifd.bundled import ensure_bundled_model
-from hsmdifd.gguf_model import estimate_memory, read_model_shape
-from hsmdifd.planner import DeviceCapacity, Strategy, plan
+from hsmdifd.daemon.bundled import ensure_bundled_model
+from hsmdifd.placement.gguf_model import estimate_memory, read_model_shape
+from hsmdifd.placement.planner import DeviceCapacity, Strategy, plan
 from tests.conftest import REPO
 from tests.netns import Cluster
 from tests.tinymodel import write_tiny_llama

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hsmdifd import relay, rpc, tls
+from hsmdifd.cluster import tls
+from hsmdifd.engine import relay, rpc
 from tests.tinymodel import write_tiny_llama
 
 MB = 1_000_000
@@ -263,7 +264,7 @@ def run_decode(model: Path | None, tokens: int) -> dict[str, dict[str, float]]:
         )
         port = rpc.free_port("127.0.0.1")
         worker = subprocess.Popen(
-            [sys.executable, "-m", "hsmdifd.rpc_worker", f"--endpoint=127.0.0.1:{port}"],
+            [sys.executable, "-m", "hsmdifd.engine.rpc_worker", f"--endpoint=127.0.0.1:{port}"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

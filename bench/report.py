@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hsmdifd.planner import HOP_SECONDS
+from hsmdifd.placement.planner import HOP_SECONDS
 
 BENCH = Path(__file__).parent
 PLOT = "results.png"  # beside RESULTS.md
@@ -319,7 +319,7 @@ def findings(results: dict[str, Any]) -> str:
     if h:
         full, *_, slow = h["hosts"].values()
         notes.append(
-            f"`hsmdifd.profile.measure_speed` keeps the best repetition. Under the "
+            f"`hsmdifd.placement.profile.measure_speed` keeps the best repetition. Under the "
             f"harness's 100 ms quota period it reported the 25 % host at "
             f"{slow['speed_at_100ms_period']:.1f} GB/s against {full['speed_at_100ms_period']:.1f} "
             "for the full one: a quota (a device busy with other work) is invisible to it, "

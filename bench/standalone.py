@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.llama_rpc import generate
-from hsmdifd.bundled import ensure_bundled_model
-from hsmdifd.engine_child import REPEAT_LAST_N
+from hsmdifd.daemon.bundled import ensure_bundled_model
+from hsmdifd.engine.child import REPEAT_LAST_N
 
 ROOT = Path(__file__).parent.parent
 RESULTS = ROOT / "bench" / "results.json"

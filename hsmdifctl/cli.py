@@ -17,8 +17,10 @@ from typing import Any, TextIO
 
 import grpc
 
-from hsmdif import limits
+from hsmdif import keyfiles, limits
 from hsmdif.limits import quoted, shorten
+from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
 from hsmdifctl import render
 from hsmdifctl.client import (
     Unreachable,
@@ -30,8 +32,6 @@ from hsmdifctl.client import (
     unary,
     watched,
 )
-from hsmdifd.proto import hsmdif_pb2 as pb
-from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -465,11 +465,9 @@ COMMANDS: dict[str, Callable[[Session, argparse.Namespace], None]] = {
 
 def cluster_init(out: Path) -> int:
     """Write a new cluster secret; no daemon needed."""
-    from hsmdifd.auth import SecretError, write_secret_file
-
     try:
-        write_secret_file(out)
-    except (SecretError, OSError) as e:
+        keyfiles.new_cluster_secret(out)
+    except (keyfiles.KeyFileError, OSError) as e:
         print(f"hsmdifctl: {e}", file=sys.stderr)
         return EXIT_FAILED
     print(
@@ -519,11 +517,9 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def api_key_init(out: Path) -> int:
     """Write a new HTTP API key; no daemon needed."""
-    from hsmdifd.api_key import ApiKeyError, write_key_file
-
     try:
-        write_key_file(out)
-    except ApiKeyError as e:
+        keyfiles.new_api_key(out)
+    except (keyfiles.KeyFileError, OSError) as e:
         print(f"hsmdifctl: {e}", file=sys.stderr)
         return EXIT_FAILED
     print(

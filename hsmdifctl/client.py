@@ -20,9 +20,9 @@ from typing import Any
 
 import grpc
 
-from hsmdifd.config import default_socket_path
-from hsmdifd.proto import hsmdif_pb2 as pb
-from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
+from hsmdif.paths import default_socket_path
+from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
 
 SYSTEM_SOCKET = Path("/run/hsmdifd/control.sock")
 # The longest path a Unix socket address holds (sun_path is 108 bytes with its NUL).

@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Any, TextIO
 
-from hsmdifd.proto import hsmdif_pb2 as pb
+from hsmdif.proto import hsmdif_pb2 as pb
 
 MIB = 1024 * 1024
 STATE_NAMES = {pb.IDLE: "idle", pb.LOADING: "loading", pb.READY: "ready", pb.FAILED: "failed"}

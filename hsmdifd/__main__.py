@@ -1,5 +1,5 @@
 import sys
 
-from hsmdifd.cli import main
+from hsmdifd.daemon.cli import main
 
 sys.exit(main())

@@ -113,7 +113,7 @@ def _recorder(out: TextIO, transport: str) -> Any:
     """A gRPC handler for every method: record the call, answer Hello with a bogus proof."""
     import grpc
 
-    from hsmdifd.proto import hsmdif_pb2 as pb
+    from hsmdif.proto import hsmdif_pb2 as pb
 
     def behaviour(method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
         metadata = [[k, _text(v)] for k, v in context.invocation_metadata()]
@@ -376,7 +376,7 @@ def _relay_credentials(secret_file: str, node_id: str) -> Any:
     """The TLS credentials of a device holding the secret (the test's own, not ours)."""
     import tempfile
 
-    from hsmdifd import auth, tls
+    from hsmdifd.cluster import auth, tls
 
     secret = auth.load_secret(Path(secret_file))
     return tls.device_credentials(secret, node_id, Path(tempfile.mkdtemp(prefix="relay-")))
@@ -385,7 +385,7 @@ def _relay_credentials(secret_file: str, node_id: str) -> Any:
 def replay(args: argparse.Namespace) -> None:
     import grpc
 
-    from hsmdifd import tls
+    from hsmdifd.cluster import tls
 
     key_pem, cert_pem = self_signed()
     own = grpc.ssl_channel_credentials(
@@ -451,7 +451,7 @@ def probe(args: argparse.Namespace) -> None:
         address, port = fields[0], int(fields[1])
         wrap = None
         if len(fields) == 5 and fields[2] == "tls":
-            from hsmdifd import tls
+            from hsmdifd.cluster import tls
 
             context = tls.client_context(_relay_credentials(fields[3], fields[4]))
 

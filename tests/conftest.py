@@ -188,7 +188,7 @@ def run_hsmdifd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[
 
 def free_port_in(host: Any) -> int:
     """A free TCP port on a tests.netns.Host's address, found inside its namespace."""
-    code = f"from hsmdifd.rpc import free_port; print(free_port({host.address!r}))"
+    code = f"from hsmdifd.engine.rpc import free_port; print(free_port({host.address!r}))"
     r = host.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     return int(r.stdout)
 

@@ -1,6 +1,6 @@
 """Where each field of a GGUF header lies, for tests that damage one field at a time.
 
-Written apart from hsmdifd.gguf_model, so that a mistake there is not repeated here:
+Written apart from hsmdifd.placement.gguf_model, so that a mistake there is not repeated here:
 it walks a well-formed header (the tiny model's, Gemma's) and records the offset and
 width of every integer (counts, lengths, type tags, dimensions, offsets, integer
 values) and every string, named as a person would name them.

@@ -13,8 +13,8 @@ import argparse
 import codecs
 import sys
 
-from hsmdifd import rpc
-from hsmdifd.engine_child import REPEAT_LAST_N, REPEAT_PENALTY
+from hsmdifd.engine import rpc
+from hsmdifd.engine.child import REPEAT_LAST_N, REPEAT_PENALTY
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from hsmdifd import rpc
+from hsmdifd.engine import rpc
 
 PROMPT = b"hello world, the model"
 N_CTX = 256

@@ -6,9 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from hsmdifd.api_key import ApiKeyError, api_key_for, is_loopback, load_key, matches, write_key_file
-from hsmdifd.cli import build_parser, resolve_config
-from hsmdifd.config import ConfigError, load_config
+from hsmdifd.api.api_key import (
+    ApiKeyError,
+    api_key_for,
+    is_loopback,
+    load_key,
+    matches,
+    write_key_file,
+)
+from hsmdifd.daemon.cli import build_parser, resolve_config
+from hsmdifd.daemon.config import ConfigError, load_config
 
 
 @pytest.mark.parametrize(

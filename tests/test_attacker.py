@@ -27,10 +27,10 @@ import grpc
 import psutil
 import pytest
 
-from hsmdifd import auth, discovery, membership
-from hsmdifd.auth import write_secret_file
-from hsmdifd.proto import hsmdif_pb2 as pb
-from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
+from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
+from hsmdifd.cluster import auth, discovery, membership
+from hsmdifd.cluster.auth import write_secret_file
 from tests.conftest import REPO, Daemon, child_pids, stop_all, write_config
 from tests.netns import Cluster, Host, require_root_netns
 from tests.test_cluster import agree, root_seen_by, status_of, wait_until
@@ -199,7 +199,7 @@ class Prober:
 def engine_of(d: Daemon) -> psutil.Process:
     assert d.proc is not None
     for child in psutil.Process(d.proc.pid).children(recursive=True):
-        if "hsmdifd.engine_child" in child.cmdline():
+        if "hsmdifd.engine.child" in child.cmdline():
             return child
     raise AssertionError(f"{d.dir.name} runs no engine")
 

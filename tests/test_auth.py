@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from hsmdifd import auth
+from hsmdifd.cluster import auth
 
 SECRET = bytes(range(32))
 OTHER = bytes(range(100, 132))

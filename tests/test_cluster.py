@@ -13,9 +13,9 @@ from typing import Any
 import grpc
 import pytest
 
-from hsmdifd.auth import write_secret_file
-from hsmdifd.proto import hsmdif_pb2 as pb
-from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
+from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
+from hsmdifd.cluster.auth import write_secret_file
 from tests.conftest import Daemon, slow_model, stop_all, write_config
 from tests.netns import Cluster, Host, require_root_netns
 

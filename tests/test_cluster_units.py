@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from hsmdifd import rpc_protocol
-from hsmdifd.cluster import Cluster
-from hsmdifd.config import Config, ConfigError, with_overrides
-from hsmdifd.devices_file import load_devices_file
-from hsmdifd.discovery import TXT_LIMIT, encode_txt, parse_hint
-from hsmdifd.election import MemberState
-from hsmdifd.membership import PROTOCOL_VERSION, LiveChanged, Membership, StallFreeClock
-from hsmdifd.node import Identity
-from hsmdifd.proto import hsmdif_pb2 as pb
+from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdifd.cluster.devices_file import load_devices_file
+from hsmdifd.cluster.discovery import TXT_LIMIT, encode_txt, parse_hint
+from hsmdifd.cluster.election import MemberState
+from hsmdifd.cluster.membership import PROTOCOL_VERSION, LiveChanged, Membership, StallFreeClock
+from hsmdifd.cluster.view import Cluster
+from hsmdifd.daemon.config import Config, ConfigError, with_overrides
+from hsmdifd.daemon.node import Identity
+from hsmdifd.placement import rpc_protocol
 from tests.conftest import run_ctl
 
 NODE = "6f1c7d3e-0b7a-4a47-9a0e-1d2c3b4a5f60"

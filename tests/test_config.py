@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hsmdifd.config import Config, ConfigError, load_config, with_overrides
+from hsmdifd.daemon.config import Config, ConfigError, load_config, with_overrides
 
 REPO = Path(__file__).parent.parent
 

@@ -13,7 +13,8 @@ import pytest
 from google.protobuf.message import Message
 
 from hsmdif import limits
-from hsmdifd.control_service import (
+from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdifd.api.control_service import (
     ControlService,
     add_control_service,
     check_generate,
@@ -21,8 +22,7 @@ from hsmdifd.control_service import (
     check_plan,
     check_priority,
 )
-from hsmdifd.errors import RequestError
-from hsmdifd.proto import hsmdif_pb2 as pb
+from hsmdifd.daemon.errors import RequestError
 
 LONG = "x" * 20_000
 

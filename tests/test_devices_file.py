@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hsmdifd.config import ConfigError
-from hsmdifd.devices_file import MAX_FILE_BYTES, MB, load_devices_file
+from hsmdifd.cluster.devices_file import MAX_FILE_BYTES, MB, load_devices_file
+from hsmdifd.daemon.config import ConfigError
 
 # The hsmdif-llama prototype's README, "Create `devices.json` (on Mac Mini)", byte for byte.
 PROTOTYPE_DEVICES_JSON = """\

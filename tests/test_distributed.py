@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hsmdifd.auth import write_secret_file
+from hsmdifd.cluster.auth import write_secret_file
 from tests.conftest import REPO, Daemon, child_pids, free_port_in, stop_all, write_config
 from tests.netns import Cluster, Host, require_root_netns
 from tests.test_cluster import agree, alive_names, view, wait_until
@@ -116,7 +116,7 @@ def test_split_over_hosts_matches_llama_cpp_rpc_by_hand(
                 [
                     sys.executable,
                     "-m",
-                    "hsmdifd.rpc_worker",
+                    "hsmdifd.engine.rpc_worker",
                     "--endpoint",
                     endpoint,
                     "--threads",
@@ -224,9 +224,10 @@ def test_reload_uses_the_tensor_cache(split_cluster: tuple[Cluster, list[Daemon]
 ASK_FOR_LEASE = """
 import asyncio, secrets, sys, tempfile, grpc
 from pathlib import Path
-from hsmdifd import auth, tls
-from hsmdifd.membership import OPEN_METHODS
-from hsmdifd.proto import hsmdif_pb2 as pb, hsmdif_pb2_grpc as pb_grpc
+from hsmdifd.cluster import auth
+from hsmdifd.cluster import tls
+from hsmdifd.cluster.membership import OPEN_METHODS
+from hsmdif.proto import hsmdif_pb2 as pb, hsmdif_pb2_grpc as pb_grpc
 
 async def ask():
     address, secret_file, node_id = sys.argv[1:]

@@ -16,9 +16,9 @@ import grpc
 import psutil
 import pytest
 
-from hsmdifd.proto import hsmdif_pb2 as pb
-from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
-from hsmdifd.timing import STREAM_INTERVAL
+from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
+from hsmdifd.daemon.timing import STREAM_INTERVAL
 from tests.conftest import Daemon, MakeDaemon, child_pids, run_ctl, run_hsmdifd, slow_model
 from tests.tinymodel import write_garbage, write_truncated
 

@@ -1,4 +1,4 @@
-"""Tests for hsmdifd.election: ranking, the root, epochs, policies, priority names and
+"""Tests for hsmdifd.cluster.election: ranking, the root, epochs, policies, priority names and
 duplicate ids; examples first, then properties over generated clusters."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hsmdifd.election import (
+from hsmdifd.cluster.election import (
     DEFAULT_POLICY,
     Claim,
     Epoch,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hsmdifd.follow import Snapshot, Step, decide
-from hsmdifd.lifecycle import Action
+from hsmdifd.cluster.follow import Snapshot, Step, decide
+from hsmdifd.placement.lifecycle import Action
 
 ids = st.sampled_from(["a", "b", "c", "d"])
 snapshots = st.builds(

@@ -14,8 +14,8 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from hsmdifd.engine_child import LlamaLog
-from hsmdifd.gguf_model import MIB, estimate_memory, read_model_shape
+from hsmdifd.engine.child import LlamaLog
+from hsmdifd.placement.gguf_model import MIB, estimate_memory, read_model_shape
 from tests.tinymodel import write_tiny_llama
 
 EOS = 2  # the tiny vocabulary's </s>

@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 
-from hsmdifd.gguf_model import (
+from hsmdifd.placement.gguf_model import (
     ModelFileError,
     ModelNotFoundError,
     estimate_memory,
@@ -269,7 +269,7 @@ def test_the_tensor_table_is_what_gguf_reads(tiny: Path) -> None:
 
 
 def test_an_already_quantized_file_is_recognised_in_milliseconds(gemma: Path) -> None:
-    from hsmdifd.quantize import quantized_types
+    from hsmdifd.placement.quantize import quantized_types
 
     started = time.perf_counter()
     types = quantized_types(gemma)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hsmdifd import gguf_model
-from hsmdifd.gguf_model import (
+from hsmdifd.placement import gguf_model
+from hsmdifd.placement.gguf_model import (
     ModelDamagedError,
     ModelFileError,
     ModelUnsupportedError,

@@ -20,8 +20,8 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
-from hsmdifd.proto import hsmdif_pb2 as pb
-from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
+from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
 from tests.conftest import Daemon, MakeDaemon, child_pids, run_ctl, run_hsmdifd, slow_model
 from tests.tinymodel import write_tiny_llama
 

@@ -1,4 +1,4 @@
-"""Tests for hsmdifd.lifecycle: the loaded model as one value and the decisions over it
+"""Tests for hsmdifd.placement.lifecycle: the loaded model as one value and the decisions over it
 (what to do after a change, how to replace a model, what stays wanted); examples
 first, then properties over generated plans and clusters."""
 
@@ -11,10 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hsmdifd import planner
-from hsmdifd.cluster import Held
-from hsmdifd.election import Epoch
-from hsmdifd.lifecycle import (
+from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdifd.cluster.election import Epoch
+from hsmdifd.cluster.view import Held
+from hsmdifd.placement import planner
+from hsmdifd.placement.lifecycle import (
     TRANSIENT,
     Action,
     Loaded,
@@ -26,8 +27,7 @@ from hsmdifd.lifecycle import (
     moves,
     wanted_after,
 )
-from hsmdifd.planner import hypothetical_shape
-from hsmdifd.proto import hsmdif_pb2 as pb
+from hsmdifd.placement.planner import hypothetical_shape
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

@@ -13,10 +13,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from hsmdifd.gguf_model import estimate_memory, read_model_shape
-from hsmdifd.profile import usable_cpus
-from hsmdifd.proto import hsmdif_pb2 as pb
-from hsmdifd.proto import hsmdif_pb2_grpc as pb_grpc
+from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
+from hsmdifd.placement.gguf_model import estimate_memory, read_model_shape
+from hsmdifd.placement.profile import usable_cpus
 from tests import tinymodel
 from tests.conftest import Daemon, MakeDaemon, child_pids
 

@@ -11,15 +11,15 @@ from typing import cast
 import grpc
 import pytest
 
-from hsmdifd import planner
-from hsmdifd.cluster import Cluster, Held
-from hsmdifd.config import Config, ModelConfig, ResourcesConfig, StateConfig
-from hsmdifd.election import Epoch
-from hsmdifd.engine import Engine
-from hsmdifd.errors import RequestError
-from hsmdifd.gguf_model import estimate_memory, read_model_shape
-from hsmdifd.models import Models
-from hsmdifd.proto import hsmdif_pb2 as pb
+from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdifd.cluster.election import Epoch
+from hsmdifd.cluster.view import Cluster, Held
+from hsmdifd.daemon.config import Config, ModelConfig, ResourcesConfig, StateConfig
+from hsmdifd.daemon.errors import RequestError
+from hsmdifd.engine.models import Models
+from hsmdifd.engine.supervisor import Engine
+from hsmdifd.placement import planner
+from hsmdifd.placement.gguf_model import estimate_memory, read_model_shape
 
 MiB = 1024 * 1024
 

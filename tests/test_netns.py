@@ -70,7 +70,7 @@ with socket.create_connection((sys.argv[1], 9999), timeout=10) as c:
 CGROUP_REPORT = """
 import json
 from pathlib import Path
-from hsmdifd.profile import read_cgroup_memory
+from hsmdifd.placement.profile import read_cgroup_memory
 
 paths = {}
 for line in Path("/proc/self/cgroup").read_text().splitlines():

@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hsmdifd.openai_shapes import (
+from hsmdifd.api.openai_shapes import (
     BadRequest,
     chunk,
     generate_request,
     parse_chat,
     parse_completion,
 )
-from hsmdifd.stops import StopFilter
+from hsmdifd.engine.stops import StopFilter
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
@@ -155,7 +155,7 @@ def test_stop_filter_matches_cutting_the_whole_text(
 
 
 def test_usage_chunk_has_no_choices() -> None:
-    from hsmdifd.proto import hsmdif_pb2 as pb
+    from hsmdif.proto import hsmdif_pb2 as pb
 
     parsed = parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}]})
     stats = pb.GenerateStats(prompt_tokens=3, completion_tokens=4)

@@ -1,4 +1,4 @@
-"""Tests for hsmdifd.planner: examples first, then properties over generated models and
+"""Tests for hsmdifd.placement.planner: examples first, then properties over generated models and
 clusters, checked against a brute-force search and llama.cpp's layer assignment."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hsmdifd.gguf_model import MIB, ModelShape, estimate_memory
-from hsmdifd.planner import (
+from hsmdifd.placement.gguf_model import MIB, ModelShape, estimate_memory
+from hsmdifd.placement.planner import (
     MIN_SPEED,
     DeviceCapacity,
     Plan,

@@ -1,4 +1,4 @@
-"""Tests for hsmdifd.profile: cgroup memory (v1 and v2 trees built in tmp_path),
+"""Tests for hsmdifd.placement.profile: cgroup memory (v1 and v2 trees built in tmp_path),
 memory figures, the speed benchmark and its cache, and CPU load."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from hsmdifd import profile
-from hsmdifd.profile import CgroupMemory, cached_speed, memory_figures, read_cgroup_memory
+from hsmdifd.placement import profile
+from hsmdifd.placement.profile import CgroupMemory, cached_speed, memory_figures, read_cgroup_memory
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

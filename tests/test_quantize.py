@@ -13,9 +13,9 @@ from typing import Any, NamedTuple
 import gguf
 import pytest
 
-from hsmdifd import quantize as q
-from hsmdifd.gguf_model import ModelNotFoundError
-from hsmdifd.quantize import GIB
+from hsmdifd.placement import quantize as q
+from hsmdifd.placement.gguf_model import ModelNotFoundError
+from hsmdifd.placement.quantize import GIB
 from tests.tinymodel import write_tiny_llama
 
 

@@ -17,10 +17,10 @@ import grpc
 import psutil
 import pytest
 
-from hsmdifd import quantize as q
-from hsmdifd.config import Config, StateConfig
-from hsmdifd.errors import RequestError
-from hsmdifd.placer import Placer
+from hsmdifd.daemon.config import Config, StateConfig
+from hsmdifd.daemon.errors import RequestError
+from hsmdifd.placement import quantize as q
+from hsmdifd.placement.placer import Placer
 from tests.conftest import Daemon, MakeDaemon
 from tests.tinymodel import write_tiny_llama
 
@@ -184,7 +184,7 @@ def quantizers(pid: int) -> list[int]:
     found = []
     for child in psutil.Process(pid).children(recursive=True):
         try:
-            if "hsmdifd.quantize" in child.cmdline():
+            if "hsmdifd.placement.quantize" in child.cmdline():
                 found.append(child.pid)
         except psutil.NoSuchProcess:
             continue

@@ -23,9 +23,10 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
-from hsmdifd import relay, rpc, rpc_worker, tls
-from hsmdifd.leases import Leases
-from hsmdifd.proto import hsmdif_pb2 as pb
+from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdifd.cluster import tls
+from hsmdifd.engine import relay, rpc, rpc_worker
+from hsmdifd.placement.leases import Leases
 from tests.tinymodel import write_tiny_llama
 
 REPO = Path(__file__).parent.parent
@@ -125,7 +126,7 @@ class Worker:
 def start_worker(*extra: str) -> Worker:
     for _ in range(3):  # free_port's race
         port = rpc.free_port(HOST)
-        cmd = [sys.executable, "-m", "hsmdifd.rpc_worker", f"--endpoint={HOST}:{port}"]
+        cmd = [sys.executable, "-m", "hsmdifd.engine.rpc_worker", f"--endpoint={HOST}:{port}"]
         proc = subprocess.Popen(
             [*cmd, "--threads=1", *extra],
             stdin=subprocess.PIPE,
@@ -461,7 +462,7 @@ def test_worker_exits_when_its_daemon_is_killed(tmp_path: Path) -> None:
     """The daemon (here a stand-in parent) is SIGKILLed: the worker's stdin closes."""
     script = (
         "import subprocess, sys, time\n"
-        f"p = subprocess.Popen([sys.executable, '-m', 'hsmdifd.rpc_worker', "
+        f"p = subprocess.Popen([sys.executable, '-m', 'hsmdifd.engine.rpc_worker', "
         f"'--endpoint={HOST}:{rpc.free_port(HOST)}', '--threads=1', '--keepalive=60'], "
         "stdin=subprocess.PIPE, stdout=subprocess.PIPE)\n"
         "assert p.stdout.readline().strip() == b'ready'\n"
@@ -601,8 +602,8 @@ def test_a_new_lease_cuts_the_old_root_at_once(creds: Creds, tmp_path: Path) -> 
 FROZEN_DAEMON = """
 import asyncio, sys
 from pathlib import Path
-from hsmdifd.leases import Leases
-from hsmdifd.proto import hsmdif_pb2 as pb
+from hsmdifd.placement.leases import Leases
+from hsmdif.proto import hsmdif_pb2 as pb
 
 async def main():
     leases = Leases("127.0.0.1", Path(sys.argv[1]), 1, lambda epoch: None,

@@ -7,7 +7,7 @@ import asyncio
 import grpc
 import pytest
 
-from hsmdifd.queue import QUEUE_FULL, QueueFull, RequestQueue
+from hsmdifd.api.queue import QUEUE_FULL, QueueFull, RequestQueue
 
 
 async def _hold(queue: RequestQueue, name: str, order: list[str], release: asyncio.Event) -> None:

@@ -24,7 +24,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from hsmdifd import rpc
+from hsmdifd.engine import rpc
 from tests.tinymodel import write_tiny_llama
 
 REPO = Path(__file__).parent.parent
@@ -39,7 +39,7 @@ LOGIT_TOLERANCE = 0.02  # of the largest logit's magnitude
 
 @dataclass
 class Worker:
-    """A running `python -m hsmdifd.rpc_worker` and its log."""
+    """A running `python -m hsmdifd.engine.rpc_worker` and its log."""
 
     endpoint: str
     proc: subprocess.Popen[bytes]
@@ -64,7 +64,7 @@ def _start_worker(directory: Path, cache_dir: Path | None, env: dict[str, str]) 
     for _ in range(3):  # free_port's race: another process may take the port first
         endpoint = f"{HOST}:{rpc.free_port(HOST)}"
         log = directory / f"worker-{endpoint.replace(':', '-')}.log"
-        cmd = [sys.executable, "-m", "hsmdifd.rpc_worker", "--endpoint", endpoint]
+        cmd = [sys.executable, "-m", "hsmdifd.engine.rpc_worker", "--endpoint", endpoint]
         cmd += ["--threads", "1", *(["--cache-dir", str(cache_dir)] if cache_dir else [])]
         with log.open("wb") as err:
             proc = subprocess.Popen(
@@ -263,7 +263,7 @@ def test_duplicate_endpoints_are_refused() -> None:
 def test_ggml_itself_aborts_on_an_unreachable_endpoint() -> None:
     """Why register_servers checks first: ggml's add_server aborts the whole process."""
     endpoint = f"{HOST}:{rpc.free_port(HOST)}"
-    code = f"from hsmdifd import rpc; rpc._ggml().add_server(b'{endpoint}')"
+    code = f"from hsmdifd.engine import rpc; rpc._ggml().add_server(b'{endpoint}')"
 
     done = _python("-c", code)
 
@@ -275,7 +275,7 @@ def test_a_second_copy_of_libggml_is_refused() -> None:
     """libggml.so (not .so.0) is a second registry llama.cpp never sees: refuse it."""
     code = textwrap.dedent(
         """
-        from hsmdifd import rpc
+        from hsmdifd.engine import rpc
         rpc._SONAMES = ("libggml-base.so", "libggml.so")
         try:
             rpc._ggml()
@@ -303,7 +303,7 @@ def test_worker_exits_when_its_stdin_closes(start_worker: StartWorker) -> None:
 def test_worker_on_a_taken_port_exits_without_ready(tmp_path: Path) -> None:
     worker = _start_worker(tmp_path, None, CHILD_ENV)
     second = subprocess.Popen(
-        [sys.executable, "-m", "hsmdifd.rpc_worker", "--endpoint", worker.endpoint],
+        [sys.executable, "-m", "hsmdifd.engine.rpc_worker", "--endpoint", worker.endpoint],
         stdin=subprocess.PIPE,  # held open: a closed stdin would end the worker at once
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hsmdifd import tls
+from hsmdifd.cluster import tls
 
 SECRET = bytes(range(32))
 OTHER = bytes(range(100, 132))

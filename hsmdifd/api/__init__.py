@@ -1,0 +1,1 @@
+"""hsmdifd: the control and peer services, root-or-forward, the HTTP API."""

@@ -1,0 +1,115 @@
+"""The Peer service other daemons call over TCP, every call authenticated."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
+from hsmdifd.api.control_service import check_generate
+from hsmdifd.api.routing import Router
+from hsmdifd.cluster import auth
+from hsmdifd.cluster.membership import PROTOCOL_VERSION
+from hsmdifd.cluster.policy import policy_to_pb
+from hsmdifd.cluster.view import Cluster
+from hsmdifd.daemon.errors import RequestError
+from hsmdifd.engine.models import Models
+from hsmdifd.placement.leases import Leases
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+_CHALLENGE = re.compile(r"[0-9a-f]{32}")
+_NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+class PeerService(pb_grpc.PeerServicer):
+    def __init__(
+        self, cluster: Cluster, models: Models, leases: Leases, secret: bytes, router: Router
+    ) -> None:
+        self._secret = secret
+        self._cluster = cluster
+        self._models = models
+        self._leases = leases
+        self._router = router
+
+    async def Hello(self, request: pb.HelloRequest, context: Context) -> pb.HelloReply:
+        """Prove this device holds the secret, before the caller sends any proof."""
+        if not _CHALLENGE.fullmatch(request.challenge) or not _NODE_ID.fullmatch(request.caller_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a malformed challenge")
+        me = self._cluster.identity.node_id
+        return pb.HelloReply(
+            protocol_version=PROTOCOL_VERSION,
+            node_id=me,
+            proof=auth.hello_proof(self._secret, request.challenge, request.caller_id, me),
+        )
+
+    async def Status(self, request: pb.PeerStatus, context: Context) -> pb.PeerStatus:
+        caller = auth.caller_id.get()
+        if request.device.id != caller:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"status for {request.device.id} sent by {caller}",
+            )
+        self._cluster.observe(request)
+        return self._cluster.local_status()
+
+    async def SetPolicy(self, request: pb.Policy, context: Context) -> pb.Policy:
+        if self._cluster.adopt_policy(request, auth.caller_id.get() or ""):
+            log.info("policy version %d received from %s", request.version, auth.caller_id.get())
+        return policy_to_pb(self._cluster.policy)
+
+    async def _refuse_unless_root(self, context: Context) -> None:
+        if not self._cluster.is_root:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{self._cluster.identity.name} is not the root; the root is "
+                f"{self._cluster.root_name()}",
+            )
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: Context
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        await self._refuse_unless_root(context)
+        try:
+            check_generate(request)
+            async for event in self._router.generate_here(request):  # in the root's queue
+                yield event
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+
+    async def Load(self, request: pb.LoadRequest, context: Context) -> AsyncIterator[pb.LoadEvent]:
+        await self._refuse_unless_root(context)
+        try:
+            async for event in self._models.load(request):
+                yield event
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+
+    async def Unload(self, request: pb.UnloadRequest, context: Context) -> pb.UnloadReply:
+        await self._refuse_unless_root(context)
+        return pb.UnloadReply(was_loaded=await self._models.unload())
+
+    async def Plan(self, request: pb.PlanRequest, context: Context) -> pb.PlanReply:
+        await self._refuse_unless_root(context)
+        try:
+            return await self._models.describe(request)
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+            raise  # unreachable: abort raises
+
+    async def StartRpc(self, request: pb.LeaseRequest, context: Context) -> pb.Lease:
+        try:
+            return await self._leases.start(request, auth.caller_id.get() or "")
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+            raise  # unreachable: abort raises
+
+    async def StopRpc(self, request: pb.LeaseEnd, context: Context) -> pb.LeaseEnd:
+        await self._leases.end(request.lease_id)
+        return request

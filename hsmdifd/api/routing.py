@@ -1,0 +1,141 @@
+"""Root-or-forward, chosen in one place: every source of requests (the control socket,
+the HTTP API) hands a model request to `Router`, which runs it here when this device is
+the root and forwards it to the root otherwise, watching the call so that it ends when
+the root stops answering."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdifd.api.queue import RequestQueue
+from hsmdifd.cluster.view import Cluster, Forwarded
+from hsmdifd.daemon.errors import RequestError
+from hsmdifd.engine.models import Models
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Router:
+    """Model requests, answered by the root wherever it is."""
+
+    def __init__(self, cluster: Cluster, models: Models, queue: RequestQueue) -> None:
+        self._cluster = cluster
+        self._models = models
+        self.queue = queue
+
+    @property
+    def here(self) -> bool:
+        """Whether this device is the root, so requests run here."""
+        return self._cluster.is_root
+
+    def model_info(self) -> pb.ModelInfo:
+        """The loaded model, as the root reports it."""
+        if self.here:
+            return self._models.info
+        status = self._cluster.root_status()
+        return status.model if status else pb.ModelInfo()
+
+    def root_known(self) -> bool:
+        """Whether requests have somewhere to go: this device, or a root that answers."""
+        return self.here or self._cluster.root_status() is not None
+
+    def load_counts(self) -> tuple[int, int, int]:
+        """Requests waiting at the root, those it is answering, and how many may wait."""
+        if self.here:
+            return self.queue.waiting, self.queue.running, self.queue.max_waiting
+        status = self._cluster.root_status()
+        return (0, int(status.generating), 0) if status else (0, 0, 0)
+
+    def generating(self) -> bool:
+        """Whether the root has an answer in flight."""
+        if self.here:
+            return self._models.in_flight > 0
+        status = self._cluster.root_status()
+        return status is not None and status.generating
+
+    async def plan(self, request: pb.PlanRequest) -> pb.PlanReply:
+        if self.here:
+            return await self._models.describe(request)
+        return await _ask_root(self._cluster, self._cluster.root_stub().Plan(request))
+
+    async def load(self, request: pb.LoadRequest) -> AsyncIterator[pb.LoadEvent]:
+        if self.here:
+            async for event in self._models.load(request):
+                yield event
+        else:
+            async for event in _relay(self._cluster, self._cluster.root_stub().Load(request)):
+                yield event
+
+    async def unload(self, request: pb.UnloadRequest) -> pb.UnloadReply:
+        if self.here:
+            return pb.UnloadReply(was_loaded=await self._models.unload())
+        return await _ask_root(self._cluster, self._cluster.root_stub().Unload(request))
+
+    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
+        if self.here:
+            async for event in self.generate_here(request):
+                yield event
+        else:
+            stub = self._cluster.root_stub()
+            async for event in _relay(self._cluster, stub.Generate(request)):
+                yield event
+
+    async def generate_here(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
+        """Answer on this device's engine, in turn with every other request."""
+        async with self.queue.slot():
+            async for event in self._models.generate(request):
+                yield event
+
+
+def _from_root(error: BaseException, forwarded: Forwarded) -> RequestError | None:
+    """The sentence for a call to the root that failed; None when it was this
+    request that was cancelled (its client went away)."""
+    root = forwarded.root_name
+    if forwarded.orphaned:
+        return RequestError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the root ({root}) stopped answering and counts as gone; ask again: the "
+            "devices left choose another root",
+        )
+    if not isinstance(error, grpc.aio.AioRpcError):
+        return None
+    details = error.details() or error.code().name
+    if error.code() == grpc.StatusCode.UNAVAILABLE:
+        details = f"the root ({root}) cannot be reached: {details}"
+    else:
+        details = f"on the root ({root}): {details}"
+    return RequestError(error.code(), details)
+
+
+@contextlib.contextmanager
+def _naming_the_root(cluster: Cluster, call: grpc.aio.Call) -> Iterator[None]:
+    """Watch `call`, made to the root, and turn its errors into sentences naming it."""
+    with cluster.forwarding(call) as forwarded:
+        try:
+            yield
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+            if error := _from_root(e, forwarded):
+                raise error from e
+            raise
+
+
+async def _ask_root(cluster: Cluster, call: grpc.aio.UnaryUnaryCall[Any, T]) -> T:
+    """The root's answer to `call`; its errors name the root."""
+    with _naming_the_root(cluster, call):
+        return await call
+
+
+async def _relay(cluster: Cluster, call: grpc.aio.UnaryStreamCall[Any, T]) -> AsyncIterator[T]:
+    """Pass a stream from the root on; its errors name the root."""
+    with _naming_the_root(cluster, call):
+        async for event in call:
+            yield event

@@ -1,0 +1,1 @@
+"""hsmdifd: discovery, membership, proofs and TLS, election, policy, the cluster view."""

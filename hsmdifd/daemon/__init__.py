@@ -1,0 +1,1 @@
+"""hsmdifd: lifecycle, configuration, timing, systemd, identity."""

@@ -1,0 +1,1 @@
+"""hsmdifd: the engine child and its supervisor, llama.cpp RPC, the data-plane relays."""

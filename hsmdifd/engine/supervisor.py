@@ -1,0 +1,414 @@
+"""The engine supervisor: runs the engine child and tracks its state.
+
+States: IDLE (no child), LOADING, READY, FAILED (the last load failed or the
+child died; `error` says why). The child owns the model; unloading ends the
+child, which returns every byte to the OS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import psutil
+
+from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
+from hsmdifd.daemon.children import start_child, stop_child
+from hsmdifd.daemon.errors import RequestError
+from hsmdifd.placement.gguf_model import ModelShape
+from hsmdifd.placement.planner import Plan
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_serial = itertools.count()
+
+PROMPT_BYTES_PER_TOKEN = 16
+"""Prompt bytes allowed per token of context, checked before tokenizing. English text
+averages about 4 bytes a token and code about 3; 16 leaves room for long tokens (runs
+of spaces, long words) so that no prompt that could fit is refused, while the
+tokenizer, which is quadratic on a long run without spaces, never sees more than a
+full context's worth of text."""
+
+
+async def finish(step: Awaitable[T]) -> T:
+    """Await `step` to its end even when the caller is cancelled meanwhile, then pass
+    the cancellation on: a change of state (a child started or ended, leases taken or
+    released) is never left half done, so what the daemon says and the processes that
+    run always agree."""
+    task = asyncio.ensure_future(step)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if not task.cancelled():
+            task.exception()  # retrieved: an error of the step goes with the cancellation
+        raise asyncio.CancelledError
+    return task.result()
+
+
+def prompt_bytes(request: pb.GenerateRequest) -> int:
+    """The size of a prompt's text, before the chat template adds its few bytes."""
+    if request.raw:
+        return len(request.prompt.encode())
+    return sum(len(m.content.encode()) for m in request.messages)
+
+
+def check_prompt_size(size: int, n_ctx: int) -> None:
+    """Refuse a prompt of `size` bytes that cannot fit a context of `n_ctx` tokens."""
+    limit = n_ctx * PROMPT_BYTES_PER_TOKEN
+    if size > limit:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the prompt is {size} bytes but the model is loaded with a context of {n_ctx} "
+            f"tokens, which takes at most {limit} bytes ({PROMPT_BYTES_PER_TOKEN} a token); "
+            "shorten the prompt or load the model with a larger --max-seq-len",
+        )
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What to load: a checked model, how to run it, and where its layers go."""
+
+    shape: ModelShape
+    context_length: int
+    threads: int
+    plan: Plan
+    endpoints: tuple[str, ...] = ()  # leased RPC endpoints, in registration order
+
+    @property
+    def estimated_bytes(self) -> int:
+        return self.plan.total_bytes
+
+
+class _Child:
+    """One running engine process and the channel to it."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, socket_path: Path) -> None:
+        self.proc = proc
+        self.socket_path = socket_path
+        self.channel = grpc.aio.insecure_channel(f"unix:{socket_path}")
+        self.stub = pb_grpc.EngineStub(self.channel)
+        self.abandoned = ""  # why the daemon ended it mid-request, if it did
+
+    @classmethod
+    async def start(cls, socket_path: Path) -> _Child:
+        socket_path.unlink(missing_ok=True)
+        proc = await start_child("hsmdifd.engine.child", "--socket", str(socket_path))
+        if proc is None:
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE,
+                "the engine process did not start; see the daemon's log",
+            )
+        return cls(proc, socket_path)
+
+    def private_bytes(self) -> int:
+        """Resident memory that ending the child gives back: its RSS less file-backed
+        pages (the mapped model file stays in the page cache, and may be charged to
+        whoever read it first)."""
+        try:
+            info = psutil.Process(self.proc.pid).memory_info()
+        except psutil.Error:
+            return 0
+        return max(0, int(info.rss) - int(getattr(info, "shared", 0)))
+
+    async def stop(self) -> None:
+        await self.channel.close(None)
+        await stop_child(self.proc)
+        self.socket_path.unlink(missing_ok=True)
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}"
+    return f"exit status {returncode}"
+
+
+def _cancelled_itself() -> bool:
+    """Whether the running task is being cancelled (its client went away), rather than
+    waiting on a call whose channel was closed under it."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def base_model_request(request: pb.GenerateRequest, name: str) -> tuple[pb.GenerateRequest, str]:
+    """How a model without a chat template of its own (a base model) takes `request`,
+    and the sentence that says so: a prompt is completed as written; a conversation
+    still goes through chat turns, which such a model follows poorly."""
+    prompt = request.raw or (
+        request.complete_if_base
+        and len(request.messages) == 1
+        and request.messages[0].role == "user"
+    )
+    if not prompt:
+        return request, (
+            f"{name} is not instruction-tuned (its file has no chat template): the "
+            "conversation is put in chat turns it was not trained on, so answers may read "
+            "poorly; for such a model, a prompt to complete works better"
+        )
+    if not request.raw:
+        as_written = pb.GenerateRequest()
+        as_written.CopyFrom(request)
+        as_written.ClearField("messages")
+        as_written.prompt = request.messages[0].content
+        as_written.raw = True
+        request = as_written
+    return request, (
+        f"{name} is not instruction-tuned (its file has no chat template): it continues "
+        "the prompt as written rather than answering it"
+    )
+
+
+class Engine:
+    """Supervises the engine child; every public method is loop-safe.
+
+    One child serves (`READY`). A load may start a second one beside it, the candidate,
+    and swap it in once it has loaded: the serving model is kept until the new one is
+    ready, and kept for good when the new one fails. Every change of state runs through
+    `finish`, so a cancelled caller never leaves a child without a state that says so.
+    """
+
+    def __init__(self, socket_path: Path) -> None:
+        self._socket_path = socket_path
+        self._child: _Child | None = None
+        self._candidate: _Child | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._info = pb.ModelInfo(state=pb.IDLE)
+        self.on_death: Callable[[], None] | None = None
+        """Called when the serving child dies by itself (crash, abort, OOM kill)."""
+
+    @property
+    def info(self) -> pb.ModelInfo:
+        """The serving model, as a copy: only the engine changes its state."""
+        info = pb.ModelInfo()
+        info.CopyFrom(self._info)
+        return info
+
+    @property
+    def state(self) -> pb.ModelState.ValueType:
+        return self._info.state
+
+    @property
+    def n_ctx(self) -> int:
+        """The context llama.cpp runs the serving model with (it pads the one asked for)."""
+        return self._info.context_length
+
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in (self._child, self._candidate) if c is not None]
+
+    def footprint(self) -> int:
+        """Memory the loaded model gives back when it is replaced (0 when none)."""
+        return self._child.private_bytes() if self._child else 0
+
+    async def load(self, spec: LoadSpec, keep: bool = False) -> AsyncGenerator[pb.LoadEvent, None]:
+        """Load `spec`, yielding progress, then the model once it serves.
+
+        Without `keep` whatever is loaded is ended first. With it, the serving model
+        goes on serving until the new one has loaded, and stays when the new one fails
+        or the load is cancelled.
+        """
+        if not keep or self._child is None:
+            await self.unload()
+            self._info = _loading_info(spec)
+        child = None
+        try:
+            child = await finish(self._start_candidate())
+            request = pb.EngineLoadRequest(
+                model_path=spec.shape.path,
+                context_length=spec.context_length,
+                threads=spec.threads,
+                rpc_endpoints=spec.endpoints,
+            )
+            if spec.endpoints:
+                request.n_gpu_layers = spec.plan.n_gpu_layers
+                request.tensor_split.extend(spec.plan.tensor_split)
+            loaded = None
+            async for event in child.stub.Load(request):
+                if event.HasField("loaded"):
+                    loaded = event.loaded
+                else:
+                    yield event
+            if loaded is None:
+                raise RequestError(grpc.StatusCode.INTERNAL, "the engine process said nothing")
+            await finish(self._swap_in(child, spec, loaded))
+        except (asyncio.CancelledError, GeneratorExit) as e:
+            if isinstance(e, GeneratorExit) or _cancelled_itself():
+                await finish(self._drop_candidate(None))
+                raise
+            raise await finish(self._load_failed(e, child)) from e
+        except Exception as e:
+            error = await finish(self._load_failed(e, child))
+            if error is e:
+                raise
+            raise error from e
+        yield pb.LoadEvent(loaded=self.info)
+
+    async def _start_candidate(self) -> _Child:
+        child = self._candidate = await _Child.start(
+            self._socket_path.with_name(f"{self._socket_path.stem}-{next(_serial)}.sock")
+        )
+        return child
+
+    async def _swap_in(self, child: _Child, spec: LoadSpec, loaded: pb.ModelInfo) -> None:
+        old = self._child
+        self._stop_watch()
+        self._child, self._candidate = child, None
+        self._info = _loading_info(spec)
+        self._info.MergeFrom(loaded)
+        self._info.state = pb.READY
+        self._watch = asyncio.create_task(self._watch_child(child))
+        if old is not None:
+            await old.stop()
+
+    async def _drop_candidate(self, error: BaseException | None) -> None:
+        """End the candidate; with no model kept, the state says why (IDLE when the load
+        was cancelled, FAILED with `error`)."""
+        child, self._candidate = self._candidate, None
+        if child is not None:
+            await child.stop()
+        if self._child is None:
+            self._info = pb.ModelInfo(state=pb.IDLE)
+            if error is not None:
+                self._info.state = pb.FAILED
+                self._info.error = str(error)
+
+    async def _load_failed(self, error: BaseException, child: _Child | None) -> BaseException:
+        error = await self._failed_child_error(error, "loading", child)
+        await self._drop_candidate(error)
+        return error
+
+    async def generate(self, request: pb.GenerateRequest) -> AsyncGenerator[pb.GenerateEvent, None]:
+        child = self._child
+        if child is None or self.state != pb.READY:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, "no model is loaded")
+        if not self._info.chat_template:
+            request, notice = base_model_request(request, self._info.name or self._info.path)
+            yield pb.GenerateEvent(notice=notice)
+        try:
+            async for event in child.stub.Generate(request):
+                yield event
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+            if isinstance(e, asyncio.CancelledError) and _cancelled_itself():
+                raise
+            raise await self._failed_child_error(e, "generating", child) from e
+
+    async def abandon(self, reason: str) -> None:
+        """End the children whatever they are doing, when what they wait on will never
+        answer (llama.cpp waits on an RPC worker for ever). The request in flight fails
+        with `reason`; the next prompt loads again."""
+        if self._child is None and self._candidate is None:
+            return
+        log.error("%s: ending the engine process", reason)
+        await finish(self._abandon(reason))
+
+    async def _abandon(self, reason: str) -> None:
+        children = [c for c in (self._candidate, self._child) if c is not None]
+        for child in children:
+            child.abandoned = reason
+        self._stop_watch()
+        self._child = self._candidate = None
+        self._info = pb.ModelInfo(state=pb.FAILED, error=reason)
+        for child in children:
+            await child.stop()
+
+    async def _failed_child_error(
+        self, error: BaseException, doing: str, child: _Child | None
+    ) -> BaseException:
+        """Turn an error from the child's channel into a sentence for the user.
+
+        The child's death shows as UNAVAILABLE, or as a cancelled call when the channel
+        was closed first (by the watcher, or by abandon(), which says why); either way
+        the exit status tells.
+        """
+        cancelled = isinstance(error, asyncio.CancelledError)
+        if not cancelled and not isinstance(error, grpc.aio.AioRpcError):
+            return error
+        if child is not None and child.abandoned:
+            return RequestError(grpc.StatusCode.ABORTED, child.abandoned)
+        code = grpc.StatusCode.CANCELLED
+        details = "the call to the engine process was closed"
+        if isinstance(error, grpc.aio.AioRpcError):
+            code, details = error.code(), error.details() or error.code().name
+        if child is not None and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(child.proc.wait(), 2.0)
+            if child.proc.returncode is not None:
+                return RequestError(
+                    grpc.StatusCode.ABORTED,
+                    f"the engine process died while {doing} "
+                    f"({describe_exit(child.proc.returncode)}); the model is no longer "
+                    "loaded: the next prompt loads it again",
+                )
+        if code == grpc.StatusCode.CANCELLED:
+            code = grpc.StatusCode.ABORTED  # the client did not cancel: never pass that on
+        return RequestError(code, details)
+
+    async def _watch_child(self, child: _Child) -> None:
+        returncode = await child.proc.wait()
+        if self._child is child:
+            reason = describe_exit(returncode)
+            log.error(
+                "the engine process died (%s); %s is no longer loaded", reason, self._info.path
+            )
+            self._child, self._watch = None, None
+            self._info.state = pb.FAILED
+            self._info.error = f"the engine process died ({reason})"
+            await child.stop()
+            if self.on_death is not None:
+                self.on_death()
+
+    def _stop_watch(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None and watch is not asyncio.current_task():
+            watch.cancel()
+
+    async def unload(self) -> bool:
+        """End the children; True when a model was loaded."""
+        was_loaded = self.state == pb.READY
+        await finish(self._unload())
+        return was_loaded
+
+    async def _unload(self) -> None:
+        children = [c for c in (self._candidate, self._child) if c is not None]
+        self._stop_watch()
+        self._child = self._candidate = None
+        self._info = pb.ModelInfo(state=pb.IDLE)
+        for child in children:
+            await child.stop()
+
+    @staticmethod
+    def child_socket(runtime_dir: Path) -> Path:
+        return runtime_dir / f"engine-{os.getpid()}.sock"
+
+
+def _loading_info(spec: LoadSpec) -> pb.ModelInfo:
+    shape = spec.shape
+    return pb.ModelInfo(
+        state=pb.LOADING,
+        path=shape.path,
+        name=shape.name,
+        size_bytes=shape.size_bytes,
+        context_length=spec.context_length,
+        threads=spec.threads,
+        architecture=shape.architecture,
+        n_layer=shape.n_layer,
+        estimated_bytes=spec.estimated_bytes,
+        chat_template=shape.chat_template is not None,
+    )

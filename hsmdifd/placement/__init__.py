@@ -1,0 +1,1 @@
+"""hsmdifd: GGUF shape, planner, device figures, leases, the model that serves."""
