@@ -19,6 +19,7 @@ from hsmdifd import __version__
 from hsmdifd.api.routing import Router
 from hsmdifd.cluster.view import Cluster
 from hsmdifd.daemon.errors import RequestError
+from hsmdifd.daemon.logs import LogLimiter
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,6 @@ _QUANTIZE = {"4bit", "8bit"}
 Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
 # Seconds between two log lines about the same kind of refused request.
-LOG_EVERY = 10.0
 
 
 def _invalid(message: str) -> RequestError:
@@ -160,33 +160,6 @@ def check_generate(
             raise _invalid(f"unknown message role {quoted(m.role)}: use user, assistant or system")
 
 
-class _LogLimiter:
-    """At most one log line per kind of refusal every LOG_EVERY seconds, counting the rest."""
-
-    def __init__(self, every: float = LOG_EVERY) -> None:
-        self._every = every
-        self._last: dict[str, float] = {}
-        self._quiet: dict[str, int] = {}
-
-    def allows(self, kind: str) -> bool:
-        """Whether a line about `kind` may be logged now; if not, it is counted."""
-        now = time.monotonic()
-        if now - self._last.get(kind, -self._every) < self._every:
-            self._quiet[kind] = self._quiet.get(kind, 0) + 1
-            return False
-        self._last[kind] = now
-        return True
-
-    def warning(self, kind: str, message: str, *args: object) -> None:
-        if not self.allows(kind):
-            return
-        quiet = self._quiet.pop(kind, 0)
-        if quiet:
-            message += " (and %d more like it in the last %.0f s)"
-            args = (*args, quiet, self._every)
-        log.warning(message, *args)
-
-
 class ControlService(pb_grpc.ControlServicer):
     """Answers hsmdifctl; model requests go to the root, wherever it is."""
 
@@ -202,7 +175,7 @@ class ControlService(pb_grpc.ControlServicer):
         self._device_profile = device_profile
         self._max_prompt_bytes = max_prompt_bytes
         self._started = time.monotonic()
-        self._log = _LogLimiter()
+        self._log = LogLimiter(log)
 
     def _refused(self, kind: str, error: RequestError) -> None:
         if error.code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -347,7 +320,7 @@ class _Capture:
         self.name, self.handlers = name, handlers
 
 
-def _guarded(name: str, handler: Any, limiter: _LogLimiter) -> Any:
+def _guarded(name: str, handler: Any, limiter: LogLimiter) -> Any:
     async def refuse(request: Any, context: Context) -> None:
         if isinstance(request, _Undecodable):
             limiter.warning(f"undecodable {name}", "undecodable %s request refused", name)

@@ -43,6 +43,7 @@ from google.protobuf.message import Message
 
 from hsmdif import keyfiles
 from hsmdifd.daemon import timing
+from hsmdifd.daemon.logs import LogLimiter
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +341,7 @@ class AuthServerInterceptor(_ServerBase):
         self._verifier = RequestVerifier(secret, node_id, skew, now)
         self._open = open_methods
         self._cert_id = cert_id
-        self._refusals = RateLimitedLog(log)
+        self._refusals = LogLimiter(log)
 
     async def intercept_service(
         self,
@@ -365,7 +366,9 @@ class AuthServerInterceptor(_ServerBase):
                 if certified is not None and certified != caller:
                     raise AuthError(f"a proof for {caller} over the connection of {certified}")
             except AuthError as e:
-                self._refusals.warning("refused %s from %s: %s", method, context.peer(), e)
+                self._refusals.warning(
+                    f"refused {method}", "refused %s from %s: %s", method, context.peer(), e
+                )
                 await context.abort(e.code(), str(e))
             await context.send_initial_metadata(
                 sign_reply(self._secret, method, nonce, self._node_id)
@@ -389,29 +392,6 @@ class AuthServerInterceptor(_ServerBase):
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
-
-
-class RateLimitedLog:
-    """Log lines that a flood of bad requests would repeat: at most `burst` a `period`,
-    then one line saying how many were left out."""
-
-    def __init__(self, logger: logging.Logger, burst: int = 5, period: float = 60.0) -> None:
-        self._log, self._burst, self._period = logger, burst, period
-        self._start, self._count, self._dropped = float("-inf"), 0, 0
-
-    def warning(self, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._start > self._period:
-            if self._dropped:
-                self._log.warning(
-                    "%d more such lines in the last %.0f s", self._dropped, now - self._start
-                )
-            self._start, self._count, self._dropped = now, 0, 0
-        self._count += 1
-        if self._count <= self._burst:
-            self._log.warning(msg, *args)
-        else:
-            self._dropped += 1
 
 
 class _ClientProof:

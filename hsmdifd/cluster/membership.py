@@ -35,6 +35,7 @@ from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
 from hsmdifd.cluster import auth
 from hsmdifd.cluster.election import Member, MemberState, id_conflicts
+from hsmdifd.daemon.logs import LogLimiter
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class Membership:
         self.generation = 0
         self._live: frozenset[str] = frozenset()
         self.duplicate_of = ""  # set when this device's id is another's and we are newer
-        self._turned_away = auth.RateLimitedLog(log)
+        self._turned_away = LogLimiter(log)
         self._clock = StallFreeClock(max_step=dead_after / 2)
         self._ticker: asyncio.Task[None] | None = None
 
@@ -281,6 +282,7 @@ class Membership:
         waiting = sum(1 for r in self._peers.values() if r.hinted and r.status is None)
         if waiting >= MAX_UNPROVEN or not self._hints.take(time.monotonic()):
             self._turned_away.warning(
+                "announcement",
                 "not following the announcement of %s: %d announced addresses have not "
                 "proved they hold the cluster secret yet",
                 address,

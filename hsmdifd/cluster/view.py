@@ -18,7 +18,7 @@ import grpc
 
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
-from hsmdifd.cluster import auth, election, tls
+from hsmdifd.cluster import election, tls
 from hsmdifd.cluster.discovery import Discovery, Hint, encode_txt
 from hsmdifd.cluster.membership import PROTOCOL_VERSION, Event, Membership, Seen
 from hsmdifd.cluster.policy import (
@@ -31,6 +31,7 @@ from hsmdifd.cluster.policy import (
 from hsmdifd.daemon import timing
 from hsmdifd.daemon.config import Config
 from hsmdifd.daemon.errors import RequestError
+from hsmdifd.daemon.logs import LogLimiter
 from hsmdifd.daemon.node import Identity
 from hsmdifd.engine import relay
 from hsmdifd.placement import planner, rpc_protocol
@@ -84,7 +85,7 @@ class Cluster:
         self._declared = declared or {}
         self._policy_path = config.state_dir / "policy.json"
         self.policy = load_policy(self._policy_path)
-        self._policy_refusals = auth.RateLimitedLog(log)
+        self._policy_refusals = LogLimiter(log)
         self.started_at = time.time()
         self.device = pb.DeviceProfile(
             id=identity.node_id, name=identity.name, address=identity.address
@@ -264,6 +265,7 @@ class Cluster:
             return False
         if refusal := election.policy_refusal(self.policy, offered):
             self._policy_refusals.warning(
+                "policy",
                 "refusing policy version %d from %s: %s",
                 offered.version,
                 sender or "this device",

@@ -61,6 +61,7 @@ from hsmdifd.cluster.tls import (
 )
 from hsmdifd.cluster.tls import server_context as tls_server_context
 from hsmdifd.daemon import timing
+from hsmdifd.daemon.logs import LogLimiter
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,6 @@ DATA_PLANES = ("tls", "plain")
 _MAX_PENDING = 16
 """Connections a worker relay authenticates at once; a newer one evicts the oldest."""
 _ACCEPTS_PER_WAKE = 16
-_LOG_EVERY = 10.0
 """Seconds between two log lines about refused connections of one relay."""
 
 
@@ -115,19 +115,12 @@ class _Refusals:
 
     def __init__(self, relay: str) -> None:
         self._relay = relay
-        self._last = -_LOG_EVERY
-        self._quiet = 0
-        self._lock = threading.Lock()
+        self._lines = LogLimiter(log)
 
     def note(self, peer: object, reason: str) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if now - self._last < _LOG_EVERY:
-                self._quiet += 1
-                return
-            quiet, self._quiet, self._last = self._quiet, 0, now
-        more = f" ({quiet} more refused since the last report)" if quiet else ""
-        log.warning("%s refused a connection from %s: %s%s", self._relay, peer, reason, more)
+        self._lines.warning(
+            "refused", "%s refused a connection from %s: %s", self._relay, peer, reason
+        )
 
 
 def _shutdown(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
