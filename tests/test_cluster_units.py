@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from hsmdifd.cluster.devices_file import load_devices_file
 from hsmdifd.cluster.discovery import TXT_LIMIT, encode_txt, parse_hint
 from hsmdifd.cluster.election import MemberState
 from hsmdifd.cluster.membership import PROTOCOL_VERSION, LiveChanged, Membership, StallFreeClock
-from hsmdifd.cluster.view import Cluster
+from hsmdifd.cluster.view import Cluster, Held
 from hsmdifd.daemon.config import Config, ConfigError, with_overrides
 from hsmdifd.daemon.node import Identity
 from hsmdifd.placement import rpc_protocol
@@ -241,3 +242,62 @@ def test_memory_a_reload_gives_back_counts_only_where_it_was_measured(
     )
     (me,) = cluster.capacities(extra_local_bytes=GIB)
     assert me.usable_bytes == (GIB if declared else 2 * GIB)
+
+
+def test_after_a_loss_the_planner_sees_what_was_freed_and_not_the_lost_device(
+    tmp_path: Path,
+) -> None:
+    """Right after a worker's lease ends, its reported figures still count the layers it
+    held until it measures again; and a worker whose RPC connection failed is left out
+    before membership counts it as dead. Both make the first plan after a loss the same
+    as the ones after it."""
+
+    async def scenario() -> None:
+        config = with_overrides(Config(), state_dir=str(tmp_path), network_mdns=False)
+        cluster = Cluster(
+            config,
+            Identity(NODE, "me", "127.0.0.1:9"),
+            b"s" * 32,
+            busy=lambda: False,
+            model=pb.ModelInfo,
+        )
+        cluster.set_device(
+            pb.DeviceProfile(
+                id=NODE, memory_total_bytes=GIB, memory_usable_bytes=GIB, rpc_protocol="rpc 7.0.0"
+            )
+        )
+        await cluster.start()
+        try:
+            for node_id, address in (("peer-a", "127.0.0.2:9"), ("peer-b", "127.0.0.3:9")):
+                peer = status(node_id, address)
+                peer.device.memory_total_bytes = 4 * GIB
+                peer.device.memory_usable_bytes = GIB // 4
+                peer.device.measured_at = time.time()
+                peer.device.rpc_protocol = "rpc 7.0.0"
+                cluster.observe(peer)
+            usable = {d.node_id: d.usable_bytes for d in cluster.capacities()}
+            assert usable["peer-a"] == GIB // 4
+            # The lease on peer-a ends: its 3/4 GiB share is free before it says so.
+            await cluster.release_leases([Held("peer-a", "a", "lease-1", "", "", 3 * GIB // 4)])
+            usable = {d.node_id: d.usable_bytes for d in cluster.capacities()}
+            assert usable["peer-a"] == GIB
+            fresh = status("peer-a", "127.0.0.2:9")
+            fresh.device.memory_total_bytes = 4 * GIB
+            fresh.device.memory_usable_bytes = GIB
+            fresh.device.measured_at = time.time() + 1  # measured after the release
+            fresh.device.rpc_protocol = "rpc 7.0.0"
+            cluster.observe(fresh)
+            usable = {d.node_id: d.usable_bytes for d in cluster.capacities()}
+            assert usable["peer-a"] == GIB  # no longer added: the figure has it
+            # llama.cpp lost peer-b: it is planned around until it is heard from again.
+            cluster.unreachable({"peer-b"})
+            assert "peer-b" not in {d.node_id for d in cluster.capacities()}
+            again = status("peer-b", "127.0.0.3:9")
+            again.device.memory_total_bytes = 4 * GIB
+            again.device.rpc_protocol = "rpc 7.0.0"
+            cluster.observe(again)
+            assert "peer-b" in {d.node_id for d in cluster.capacities()}
+        finally:
+            await cluster.stop()
+
+    asyncio.run(scenario())

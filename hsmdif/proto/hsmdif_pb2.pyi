@@ -81,6 +81,7 @@ class DeviceProfile(_message.Message):
     RPC_PROTOCOL_FIELD_NUMBER: _builtins.int
     PROBLEM_FIELD_NUMBER: _builtins.int
     MEMORY_DECLARED_FIELD_NUMBER: _builtins.int
+    MEASURED_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     address: _builtins.str
@@ -113,6 +114,8 @@ class DeviceProfile(_message.Message):
     """why the root does not plan onto it, when it does not"""
     memory_declared: _builtins.bool
     """its usable memory is a configured figure, not measured"""
+    measured_at: _builtins.float
+    """unix time its figures were measured"""
     def __init__(
         self,
         *,
@@ -134,10 +137,11 @@ class DeviceProfile(_message.Message):
         rpc_protocol: _builtins.str = ...,
         problem: _builtins.str = ...,
         memory_declared: _builtins.bool = ...,
+        measured_at: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "declared", b"declared", "id", b"id", "layers", b"layers", "load", b"load", "memory_declared", b"memory_declared", "memory_limit_bytes", b"memory_limit_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_usable_bytes", b"memory_usable_bytes", "name", b"name", "problem", b"problem", "rank", b"rank", "role", b"role", "rpc_protocol", b"rpc_protocol", "share_bytes", b"share_bytes", "speed", b"speed", "state", b"state", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "declared", b"declared", "id", b"id", "layers", b"layers", "load", b"load", "measured_at", b"measured_at", "memory_declared", b"memory_declared", "memory_limit_bytes", b"memory_limit_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_usable_bytes", b"memory_usable_bytes", "name", b"name", "problem", b"problem", "rank", b"rank", "role", b"role", "rpc_protocol", b"rpc_protocol", "share_bytes", b"share_bytes", "speed", b"speed", "state", b"state", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -18,7 +18,7 @@ import grpc
 
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
-from hsmdifd.cluster import election, tls
+from hsmdifd.cluster import auth, election, tls
 from hsmdifd.cluster.discovery import Discovery, Hint, encode_txt
 from hsmdifd.cluster.membership import PROTOCOL_VERSION, Event, Membership, Seen
 from hsmdifd.cluster.policy import (
@@ -61,6 +61,7 @@ class Held:
     lease_id: str
     endpoint: str  # the worker's relay, as the person is shown it
     local: str = ""  # what the engine connects to: this device's relay to `endpoint`
+    bytes: int = 0  # the memory the plan gives the worker's share
 
 
 class Cluster:
@@ -77,6 +78,8 @@ class Cluster:
     ) -> None:
         self._tls = credentials
         self._relays: dict[str, relay.RootRelays] = {}  # by lease id
+        self._released: dict[str, tuple[int, float]] = {}  # node id: bytes, when (unix)
+        self._unreachable: set[str] = set()  # RPC gone, not heard from since
         self._config = config
         self.identity = identity
         self._secret = secret
@@ -283,9 +286,16 @@ class Cluster:
         if self.membership is not None:
             self.membership.observe(status)
 
+    def unreachable(self, node_ids: set[str]) -> None:
+        """llama.cpp lost its connection to these workers: plan without them until they
+        are heard from again."""
+        self._unreachable |= node_ids
+
     def _handle(self, event: Event) -> None:
         """What membership saw: a peer's status carries its policy and whom it names as
         root; any event may change the root."""
+        if isinstance(event, Seen):
+            self._unreachable.discard(event.status.device.id)
         if isinstance(event, Seen) and event.status.policy.version > self.policy.version:
             status = event.status
             self.adopt_policy(status.policy, status.device.name or status.device.id)
@@ -400,6 +410,11 @@ class Cluster:
                 continue
             if rpc_protocol.refusal(me.rpc_protocol, device.rpc_protocol):
                 continue
+            if member.node_id in self._unreachable:
+                continue  # its RPC connection failed; membership has not caught up yet
+            freed, released_at = self._released.get(member.node_id, (0, 0.0))
+            if device.memory_declared or device.measured_at >= released_at:
+                freed = 0
             out.append(
                 planner.DeviceCapacity(
                     node_id=member.node_id,
@@ -407,6 +422,7 @@ class Cluster:
                     address=member.address,
                     usable_bytes=_capped(
                         device.memory_usable_bytes
+                        + freed
                         + (0 if device.memory_declared else credit.get(member.node_id, 0)),
                         device.memory_total_bytes,
                     ),
@@ -419,10 +435,11 @@ class Cluster:
     async def acquire_leases(self, plan: planner.Plan) -> list[Held]:
         """An RPC endpoint from each remote device of `plan`, in registration order."""
         held: list[Held] = []
+        shares = {s.device.node_id: s.bytes for s in plan.shares[1:]}
         for device in plan.rpc_endpoints_order:
             try:
                 lease = await self._lease(device)
-            except (RequestError, grpc.aio.AioRpcError) as e:
+            except (RequestError, grpc.aio.AioRpcError, auth.AuthError) as e:
                 await self.release_leases(held)
                 reason = str(e) if isinstance(e, RequestError) else e.details()
                 code = e.code if isinstance(e, RequestError) else e.code()
@@ -440,8 +457,18 @@ class Cluster:
                 await self.release_leases(held)
                 raise
             self._relays[lease.lease_id] = relays
+            self._released.pop(device.node_id, None)  # planned with what it holds now
             (local,) = relays.local_endpoints
-            held.append(Held(device.node_id, device.name, lease.lease_id, lease.endpoint, local))
+            held.append(
+                Held(
+                    device.node_id,
+                    device.name,
+                    lease.lease_id,
+                    lease.endpoint,
+                    local,
+                    shares.get(device.node_id, 0),
+                )
+            )
         return held
 
     async def _lease(self, device: planner.DeviceCapacity) -> pb.Lease:
@@ -458,7 +485,8 @@ class Cluster:
                 return await stub.StartRpc(
                     pb.LeaseRequest(epoch=self.epoch_pb()), timeout=timing.LEASE_TIMEOUT
                 )
-            except grpc.aio.AioRpcError as e:
+            except (grpc.aio.AioRpcError, auth.AuthError) as e:
+                # AuthError: the link to it has not proved itself (again) yet.
                 retried = (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE)
                 retry = e.code() in retried and self.is_root
                 if not retry or time.monotonic() > deadline:
@@ -487,6 +515,9 @@ class Cluster:
         for lease in held:
             if relays := self._relays.pop(lease.lease_id, None):
                 await relays.close()  # nothing here reaches that worker any more
+            # Until the worker reports figures measured after this, its memory looks as
+            # full as when the lease held it: count the share as free meanwhile.
+            self._released[lease.node_id] = (lease.bytes, time.time())
             stub = self.membership.stub_for(lease.node_id) if self.membership else None
             if stub is None:
                 continue
@@ -502,7 +533,7 @@ class Cluster:
     async def _end_lease(self, stub: pb_grpc.PeerAsyncStub, lease: Held) -> None:
         try:
             await stub.StopRpc(pb.LeaseEnd(lease_id=lease.lease_id), timeout=timing.LEASE_TIMEOUT)
-        except grpc.aio.AioRpcError as e:
+        except (grpc.aio.AioRpcError, auth.AuthError) as e:  # AuthError: not proven again yet
             log.info("ending the lease on %s: %s", lease.name, e.code().name)
 
     def root_name(self) -> str:

@@ -151,6 +151,7 @@ class Daemon:
             state="alive",
             declared=memory.declared or bool(res.speed_override),
             memory_declared=memory.declared,
+            measured_at=time.time(),
             rpc_protocol=rpc_protocol.protocol(),
         )
 

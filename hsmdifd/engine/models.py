@@ -131,7 +131,7 @@ class Models:
                         async for event in events:
                             yield event
                 except RequestError as e:
-                    error = await name_lost_worker(e, leases)
+                    error = await name_lost_worker(e, leases, self._cluster)
                     if self._engine.state != pb.READY:  # FAILED says why until the next load
                         await finish(self._placer.forget())
                     raise error from e

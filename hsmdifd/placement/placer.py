@@ -407,7 +407,7 @@ class Placer:
         except RequestError as e:
             placing = self._placing
             await finish(self._drop_placing())
-            raise await name_lost_worker(e, placing) from e
+            raise await name_lost_worker(e, placing, self._cluster) from e
         except BaseException:
             await finish(self._drop_placing())
             raise
@@ -454,13 +454,18 @@ def _model_file_refused(error: ModelFileError) -> RequestError:
     return RequestError(code, str(error))
 
 
-async def name_lost_worker(error: RequestError, leases: tuple[Held, ...]) -> RequestError:
-    """Add which RPC worker stopped answering, when one did."""
+async def name_lost_worker(
+    error: RequestError, leases: tuple[Held, ...], cluster: Cluster | None = None
+) -> RequestError:
+    """Add which RPC worker stopped answering, when one did; `cluster` then leaves it out
+    of plans until it is heard from again (membership would say so only later)."""
     if error.code != grpc.StatusCode.ABORTED:
         return error
     lost = [h for h in leases if not await _reachable(h.endpoint)]
     if not lost:
         return error
+    if cluster is not None:
+        cluster.unreachable({h.node_id for h in lost})
     names = ", ".join(f"{h.name} ({h.endpoint})" for h in lost)
     return RequestError(error.code, f"{error}; the RPC worker on {names} stopped answering")
 
