@@ -98,16 +98,22 @@ class Order(enum.Enum):
     REPLACE = "replace"  # unload first; when the new one fails, load the old one again
 
 
+BESIDE_HEADROOM = 1.25
+"""How much more than its estimated share a device must have free to load a model beside
+the one that serves: the estimate errs by up to 10 %, and both engines read the model
+file through the page cache of a device that may be near its memory limit."""
+
+
 def load_order(loaded: Loaded | None, plan: planner.Plan, free: Mapping[str, int]) -> Order:
-    """BESIDE when every device of `plan` has room for its share with the loaded model
-    still in memory (`free`: usable bytes by node id, nothing credited back) and no
-    worker of `plan` holds the loaded model's layers: a worker runs one lease at a time,
-    and a new lease would end the old one under the model that serves."""
+    """BESIDE when every device of `plan` has room for its share, with headroom, while
+    the loaded model stays in memory (`free`: usable bytes by node id, nothing credited
+    back) and no worker of `plan` holds the loaded model's layers: a worker runs one lease
+    at a time, and a new lease would end the old one under the model that serves."""
     if loaded is None:
         return Order.REPLACE
     if any(s.device.node_id in loaded.placed_on for s in plan.shares[1:]):
         return Order.REPLACE
-    if all(s.bytes <= free.get(s.device.node_id, 0) for s in plan.shares):
+    if all(s.bytes * BESIDE_HEADROOM <= free.get(s.device.node_id, 0) for s in plan.shares):
         return Order.BESIDE
     return Order.REPLACE
 
