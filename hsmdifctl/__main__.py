@@ -1,5 +1,3 @@
-import sys
+from hsmdifctl.cli import entry
 
-from hsmdifctl.cli import main
-
-sys.exit(main())
+entry()

@@ -531,6 +531,24 @@ def api_key_init(out: Path) -> int:
     return EXIT_OK
 
 
+def entry() -> None:
+    """The `hsmdifctl` program: `main`, then out at once. The interpreter's own teardown
+    can wait for ever on gRPC's threads (now and then, after a stream has ended); there
+    is nothing left to tidy once the output is flushed."""
+    try:
+        code = main()
+    except SystemExit as e:  # argparse: usage errors and --help
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        if not isinstance(e.code, int | None):
+            print(e.code, file=sys.stderr)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (BrokenPipeError, OSError):
+        code = code or EXIT_FAILED
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

@@ -198,14 +198,12 @@ def test_a_frozen_root_is_replaced_and_takes_over_again_when_it_wakes(nodes: Nod
         assert r.returncode == 0, r.stderr
         root.proc.send_signal(signal.SIGSTOP)
         try:
-            wait_until(
-                lambda: (
-                    {root_seen_by(d) for d in survivors} - {root_name}
-                    == {root_seen_by(survivors[0])}
-                ),
-                10,
-                "a new root while the old one is frozen",
-            )
+
+            def survivors_agree() -> bool:
+                roots = {root_seen_by(d) for d in survivors}
+                return len(roots) == 1 and root_name not in roots
+
+            wait_until(survivors_agree, 10, "a new root while the old one is frozen")
             r = survivors[0].ctl("prompt", "hello", "--max-tokens", "3", "--json")
             assert r.returncode == 0, r.stderr
         finally:

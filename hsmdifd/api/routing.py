@@ -16,6 +16,7 @@ import grpc
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdifd.api.queue import RequestQueue
 from hsmdifd.cluster.view import Cluster, Forwarded
+from hsmdifd.daemon import timing
 from hsmdifd.daemon.errors import RequestError
 from hsmdifd.engine.models import Models
 
@@ -81,13 +82,28 @@ class Router:
         return await _ask_root(self._cluster, self._cluster.root_stub().Unload(request))
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
-        if self.here:
-            async for event in self.generate_here(request):
-                yield event
-        else:
+        deadline = asyncio.get_running_loop().time() + timing.LEASE_RETRY
+        while True:
+            if self.here:
+                async for event in self.generate_here(request):
+                    yield event
+                return
             stub = self._cluster.root_stub()
-            async for event in _relay(self._cluster, stub.Generate(request)):
-                yield event
+            started = False
+            try:
+                async for event in _relay(self._cluster, stub.Generate(request)):
+                    started = True
+                    yield event
+                return
+            except RequestError as e:
+                # The device this one took for root has not taken the root yet, or has
+                # handed it on: views agree within a heartbeat or two, so ask again.
+                late = asyncio.get_running_loop().time() > deadline
+                if started or late or e.code != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                if "is not the root" not in str(e):
+                    raise
+            await asyncio.sleep(self._cluster.heartbeat_interval)
 
     async def generate_here(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
         """Answer on this device's engine, in turn with every other request."""

@@ -102,6 +102,10 @@ class Cluster:
         self._seen: tuple[str, frozenset[str], election.Policy] | None = None
 
     @property
+    def heartbeat_interval(self) -> float:
+        return self._config.timing.heartbeat_interval
+
+    @property
     def enabled(self) -> bool:
         return self._secret is not None
 
