@@ -465,7 +465,7 @@ class Membership:
                 if reply.device.id == self._node_id and reply.started_at == (
                     self._local_status().started_at
                 ):
-                    await self._forget(address)  # an address that reaches this very daemon
+                    self._drop(address)  # an address that reaches this very daemon
                     return
                 if reply.device.address != address:
                     if record.hinted:
@@ -477,12 +477,6 @@ class Membership:
                     record.alias_of = reply.device.address
                 self.observe(reply)
             await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
-
-    async def _forget(self, address: str) -> None:
-        self._peers.pop(address, None)
-        link = self._links.pop(address, None)
-        if link is not None:
-            await link.channel.close(None)
 
     async def _tick(self) -> None:
         """Read the clock and the live set several times a heartbeat interval, so that a
