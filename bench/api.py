@@ -1,8 +1,9 @@
-"""The HTTP API: streamed /v1/chat/completions and /v1/completions versus `hsmdifctl
-prompt`, same daemon, same model (the bundled Gemma 3 270M), greedy, run alternately
-in one process run (medians); then 1, 2, 4 and 8 concurrent streams: aggregate
-tokens/s and p50/p99 time to first token, which shows the queue. Prints tables and
-merges `api` into bench/results.json.
+"""The HTTP API: streamed /v1/completions versus `hsmdifctl prompt --raw` (the same raw
+text) and streamed /v1/chat/completions versus `hsmdifctl chat` (the same user turn, so
+the same chat template and the same prompt tokens), same daemon, same model (the
+bundled Gemma 3 270M), greedy, run alternately in one process run (medians); then 1,
+2, 4 and 8 concurrent streams: aggregate tokens/s and p50/p99 time to first token,
+which shows the queue. Prints tables and merges `api` into bench/results.json.
 
     python -m bench.api [--reps N] [--tokens N] [--threads N] [--quick]
 """
@@ -13,6 +14,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -99,6 +101,31 @@ def stream(port: int, path: str, tokens: int) -> tuple[float, float, int]:
     return (first - started) * 1000, rate, produced
 
 
+STATS_LINE = re.compile(
+    r"Generated (\d+) tokens .*Inference speed: ([\d.]+) tokens/second "
+    r"\(first token after (\d+) ms\)"
+)
+
+
+def run_chat(sock: Path, tokens: int) -> tuple[float, float]:
+    """(time to first token in ms, decode tokens/s) of one `hsmdifctl chat` turn, timed
+    by hsmdifctl at the client (its closing line on stderr)."""
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "hsmdifctl", "--socket", str(sock), "chat"),
+            *("--temperature", "0", "--max-tokens", str(tokens)),
+        ],
+        input=PROMPT + "\n",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = STATS_LINE.search(result.stderr)
+    if not found:
+        raise RuntimeError(f"hsmdifctl chat printed no figures: {result.stderr[-300:]!r}")
+    return float(found[3]), float(found[2])
+
+
 def concurrent(port: int, streams: int, tokens: int) -> tuple[float, list[float]]:
     """Aggregate tokens/s of `streams` requests at once, and each one's TTFT (ms)."""
     results: list[tuple[float, float, int]] = []
@@ -126,13 +153,18 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--quick", action="store_true", help="2 repetitions of 32 tokens")
+    parser.add_argument("--quick", action="store_true", help="3 repetitions of 48 tokens")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file to update")
     args = parser.parse_args()
     if args.quick:
-        args.reps, args.tokens = 2, 32
+        args.reps, args.tokens = 3, 48
     port = free_port()
-    side: dict[str, list[tuple[float, float]]] = {"cli": [], "chat": [], "completions": []}
+    side: dict[str, list[tuple[float, float]]] = {
+        "cli": [],
+        "cli_chat": [],
+        "chat": [],
+        "completions": [],
+    }
     levels: dict[int, tuple[list[float], list[float]]] = {n: ([], []) for n in LEVELS}
     with tempfile.TemporaryDirectory(prefix="hsm-bench-", dir="/tmp") as tmp:
         sock = Path(tmp) / "ctl.sock"
@@ -142,6 +174,7 @@ def main() -> None:
             stream(port, "/v1/chat/completions", 8)
             for _ in range(args.reps):
                 side["cli"].append(run_hsmdif(sock, args.tokens))
+                side["cli_chat"].append(run_chat(sock, args.tokens))
                 side["chat"].append(stream(port, "/v1/chat/completions", args.tokens)[:2])
                 side["completions"].append(stream(port, "/v1/completions", args.tokens)[:2])
             for _ in range(max(1, args.reps // 2)):
@@ -157,25 +190,30 @@ def main() -> None:
         k: (statistics.median(t for t, _ in v), statistics.median(r for _, r in v))
         for k, v in side.items()
     }
-    cli_ttft, cli_tps = med["cli"]
     result: dict[str, Any] = {
-        "cli_ttft_ms": round(cli_ttft, 2),
-        "cli_tokens_per_s": round(cli_tps, 2),
+        "cli_ttft_ms": round(med["cli"][0], 2),
+        "cli_tokens_per_s": round(med["cli"][1], 2),
+        "cli_chat_ttft_ms": round(med["cli_chat"][0], 2),
+        "cli_chat_tokens_per_s": round(med["cli_chat"][1], 2),
         "threads": args.threads,
         "tokens": args.tokens,
         "reps": args.reps,
         "model": bundled_model_path(cache_dir()).name,
     }
     print(f"{'':<30}{'ttft ms':>10}{'tokens/s':>10}{'decode ratio':>14}{'ttft diff':>11}")
-    print(f"{'hsmdifctl prompt':<30}{cli_ttft:>10.1f}{cli_tps:>10.2f}{'':>14}{'':>11}")
-    for name in ("chat", "completions"):
+    for name, against, label in (
+        ("completions", "cli", "/v1/completions stream"),
+        ("chat", "cli_chat", "/v1/chat/completions stream"),
+    ):
+        cli_ttft, cli_tps = med[against]
+        cli_label = "hsmdifctl prompt --raw" if against == "cli" else "hsmdifctl chat"
+        print(f"{cli_label:<30}{cli_ttft:>10.1f}{cli_tps:>10.2f}{'':>14}{'':>11}")
         ttft, tps = med[name]
         ratio, diff = tps / cli_tps, ttft - cli_ttft
         result[f"{name}_ttft_ms"] = round(ttft, 2)
         result[f"{name}_tokens_per_s"] = round(tps, 2)
         result[f"{name}_decode_ratio"] = round(ratio, 4)
         result[f"{name}_ttft_overhead_ms"] = round(diff, 2)
-        label = f"/v1/{'chat/' if name == 'chat' else ''}completions stream"
         print(f"{label:<30}{ttft:>10.1f}{tps:>10.2f}{ratio:>14.3f}{diff:>+11.1f}")
     print(f"\n{'streams':<10}{'aggregate tokens/s':>20}{'p50 ttft ms':>14}{'p99 ttft ms':>14}")
     result["concurrent"] = {}
