@@ -14,88 +14,28 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
-import grpc
 from aiohttp import web
 
 from hsmdif.proto import hsmdif_pb2 as pb
-from hsmdifd.api import api_key, metrics, openai_shapes
+from hsmdifd.api import api_key, metrics, openai_shapes, sse
 from hsmdifd.api.control_service import check_generate
+from hsmdifd.api.http_errors import RETRY_AFTER, ApiError, from_request_error
 from hsmdifd.api.openai_shapes import BadRequest, Parsed
-from hsmdifd.api.queue import QUEUE_FULL
 from hsmdifd.api.routing import Router
 from hsmdifd.daemon.errors import RequestError
-from hsmdifd.engine.stops import StopFilter
 
 log = logging.getLogger(__name__)
 
 OWNER = "hsmdif"
-RETRY_AFTER = "2"  # seconds: a queue drains or a root is chosen within a few
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class ApiError(Exception):
-    """An answer other than 200, as OpenAI shapes it."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str = "invalid_request_error",
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        retry: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.param, self.code, self.retry = status, kind, param, code, retry
-
-    def response(self) -> web.Response:
-        headers = {"Retry-After": RETRY_AFTER} if self.retry else None
-        body = openai_shapes.error_body(str(self), self.kind, self.param, self.code)
-        return web.json_response(body, status=self.status, headers=headers)
-
-
-def from_request_error(e: RequestError, param: str | None = None) -> ApiError:
-    """The HTTP answer for the cluster's error."""
-    message = str(e)
-    if e.code == grpc.StatusCode.INVALID_ARGUMENT:
-        return ApiError(400, message, param=param)
-    if e.code == grpc.StatusCode.UNAVAILABLE or (
-        e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and QUEUE_FULL in message
-    ):
-        return ApiError(503, message, "server_error", code="unavailable", retry=True)
-    if e.code == grpc.StatusCode.FAILED_PRECONDITION and "is not the root" in message:
-        return ApiError(503, message, "server_error", code="unavailable", retry=True)
-    return ApiError(500, message, "server_error", code=e.code.name.lower())
 
 
 def model_id(path: str) -> str:
     """A model's stable id: its file's stem."""
     return Path(path).stem if path else ""
-
-
-@dataclass
-class _Answer:
-    """What a generation produced, as it goes."""
-
-    text: list[str] = field(default_factory=list)
-    stats: pb.GenerateStats | None = None
-    pieces: int = 0
-    first_at: float | None = None
-
-
-@dataclass
-class _Stream:
-    parsed: Parsed
-    ident: str
-    created: int
-    stops: StopFilter
-    answer: _Answer
 
 
 class HttpApi:
@@ -302,17 +242,18 @@ class HttpApi:
             check_generate(generate)
         except RequestError as e:
             raise from_request_error(e, "messages" if parsed.chat else "prompt") from None
-        ident = f"{'chatcmpl' if parsed.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        answer = _Answer()
-        stops = StopFilter(parsed.sampling.stop)
+        answer = sse.Answer(
+            parsed,
+            ident=f"{'chatcmpl' if parsed.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            created=int(time.time()),
+            on_notice=self._tell_once,
+        )
         events = self._router.generate(generate)
         async with contextlib.aclosing(events):  # type: ignore[type-var]
             try:
                 if parsed.stream:
-                    stream = _Stream(parsed, ident, created, stops, answer)
-                    return await self._stream(request, events, stream)
-                async for piece in self._texts(events, stops, answer):
+                    return await sse.stream(request, self._allow_origin(request), events, answer)
+                async for piece in answer.texts(events):
                     answer.text.append(piece)
             except RequestError as e:
                 raise from_request_error(e, "messages" if parsed.chat else "prompt") from None
@@ -321,114 +262,27 @@ class HttpApi:
         return web.json_response(
             openai_shapes.answer(
                 parsed,
-                ident=ident,
-                created=created,
+                ident=answer.ident,
+                created=answer.created,
                 text="".join(answer.text),
-                stats=self._stats(answer),
-                stopped=stops.stopped,
+                stats=answer.final_stats(),
             )
         )
 
-    async def _texts(
-        self, events: AsyncIterator[pb.GenerateEvent], stops: StopFilter, answer: _Answer
-    ) -> AsyncIterator[str]:
-        """The answer's text, cut at a stop string; `answer` gathers the rest."""
-        async for event in events:
-            kind = event.WhichOneof("event")
-            if kind == "text":
-                if answer.first_at is None:
-                    answer.first_at = time.monotonic()
-                answer.pieces += 1
-                if piece := stops.feed(event.text):
-                    yield piece
-                if stops.stopped:
-                    return  # closing `events` ends the generation on the root
-            elif kind == "done":
-                answer.stats = event.done
-                if tail := stops.flush():
-                    yield tail
-                return
-            elif kind == "notice":
-                self._tell_once(event.notice)
+    def _allow_origin(self, request: web.Request) -> str | None:
+        """The Access-Control-Allow-Origin a streamed answer carries, if any."""
+        origin = request.headers.get("Origin")
+        if origin and ("*" in self._cors or origin in self._cors):
+            return "*" if "*" in self._cors else origin
+        return None
 
     def _tell_once(self, notice: str) -> None:
         if notice not in self._told:
             self._told.add(notice)
             log.warning("%s", notice)
 
-    @staticmethod
-    def _stats(answer: _Answer) -> pb.GenerateStats:
-        if answer.stats is not None:
-            return answer.stats
-        # Cut at a stop string before the engine's own count came: the pieces sent are
-        # a lower bound of the tokens (each holds at least one).
-        return pb.GenerateStats(completion_tokens=answer.pieces, finish_reason="stop")
-
-    def _record(self, answer: _Answer, started: float) -> None:
+    def _record(self, answer: sse.Answer, started: float) -> None:
         if answer.stats is None and not answer.pieces:
             return
         ttft = answer.first_at - started if answer.first_at is not None else None
-        self._metrics.answered(self._stats(answer), ttft)
-
-    async def _stream(
-        self, request: web.Request, events: AsyncIterator[pb.GenerateEvent], stream: _Stream
-    ) -> web.StreamResponse:
-        """Server-sent events: the headers go with the first piece of text, so that an
-        error before it (a full queue, no root) is still an HTTP error."""
-        response: web.StreamResponse | None = None
-
-        async def send(body: dict[str, Any] | str) -> None:
-            nonlocal response
-            if response is None:
-                response = web.StreamResponse(
-                    headers={
-                        "Content-Type": "text/event-stream",
-                        "Cache-Control": "no-cache",
-                        "X-Accel-Buffering": "no",
-                    }
-                )
-                origin = request.headers.get("Origin")
-                if origin and ("*" in self._cors or origin in self._cors):
-                    allow = "*" if "*" in self._cors else origin
-                    response.headers["Access-Control-Allow-Origin"] = allow
-                await response.prepare(request)
-            data = body if isinstance(body, str) else json.dumps(body, separators=(",", ":"))
-            await response.write(f"data: {data}\n\n".encode())
-
-        parsed, ident, created = stream.parsed, stream.ident, stream.created
-        stops, answer = stream.stops, stream.answer
-        chunk = openai_shapes.chunk
-        first = True
-        try:
-            async for piece in self._texts(events, stops, answer):
-                await send(chunk(parsed, ident=ident, created=created, text=piece, first=first))
-                first = False
-        except ConnectionResetError:
-            # The client went away: closing `events` (by the caller) ends the generation.
-            log.info("an HTTP client went away mid-answer; its generation ends")
-            return response or web.StreamResponse()
-        except RequestError as e:
-            if response is None:
-                raise
-            # Headers are gone: say it the way OpenAI's SDK reads a failed stream.
-            error = from_request_error(e)
-            await send(openai_shapes.error_body(str(e), error.kind, code=error.code))
-            await send("[DONE]")
-            return response
-        stats = self._stats(answer)
-        if first:
-            await send(chunk(parsed, ident=ident, created=created, text="", first=True))
-        await send(
-            chunk(
-                parsed,
-                ident=ident,
-                created=created,
-                finish=openai_shapes.finish_reason(stats, stops.stopped),
-            )
-        )
-        if parsed.include_usage:
-            await send(chunk(parsed, ident=ident, created=created, with_usage=stats))
-        await send("[DONE]")
-        assert response is not None
-        await response.write_eof()
-        return response
+        self._metrics.answered(answer.final_stats(), ttft)

@@ -264,15 +264,15 @@ def usage(stats: pb.GenerateStats) -> dict[str, int]:
     }
 
 
-def finish_reason(stats: pb.GenerateStats, stopped: bool) -> str:
-    return "stop" if stopped or stats.finish_reason != "length" else "length"
+def finish_reason(stats: pb.GenerateStats) -> str:
+    return "length" if stats.finish_reason == "length" else "stop"
 
 
 def answer(
-    parsed: Parsed, *, ident: str, created: int, text: str, stats: pb.GenerateStats, stopped: bool
+    parsed: Parsed, *, ident: str, created: int, text: str, stats: pb.GenerateStats
 ) -> dict[str, Any]:
     """The whole answer, not streamed."""
-    finish = finish_reason(stats, stopped)
+    finish = finish_reason(stats)
     if parsed.chat:
         choice: dict[str, Any] = {
             "index": 0,
