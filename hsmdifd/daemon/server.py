@@ -34,7 +34,7 @@ from hsmdifd.cluster.devices_file import load_devices_file
 from hsmdifd.cluster.follow import Follower
 from hsmdifd.cluster.membership import OPEN_METHODS, server_keepalive_options
 from hsmdifd.cluster.view import Cluster
-from hsmdifd.daemon import notify, timing
+from hsmdifd.daemon import cgroups, notify, timing
 from hsmdifd.daemon.bundled import bundled_model_path
 from hsmdifd.daemon.config import Config, ConfigError, api_address, load_config, with_overrides
 from hsmdifd.daemon.node import Identity, load_identity
@@ -159,6 +159,7 @@ class Daemon:
 
     async def startup(self) -> None:
         config = self.config
+        cgroups.bound_daemon(config.resources.daemon_memory_max_mb)
         try:
             config.state_dir.mkdir(parents=True, exist_ok=True)
             self.identity = load_identity(config)
