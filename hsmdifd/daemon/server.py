@@ -20,12 +20,11 @@ from pathlib import Path
 import grpc
 
 from hsmdif.proto import hsmdif_pb2 as pb
-from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
 from hsmdifd.api import api_key
 from hsmdifd.api.control_service import ControlService, add_control_service
 from hsmdifd.api.http_api import HttpApi, model_id
 from hsmdifd.api.metrics import ClusterView, Metrics
-from hsmdifd.api.peer_service import PeerService
+from hsmdifd.api.peer_service import PeerService, add_peer_service
 from hsmdifd.api.queue import RequestQueue
 from hsmdifd.api.routing import Router
 from hsmdifd.cluster import tls
@@ -324,7 +323,7 @@ class Daemon:
             keepalive_interval=timing_config.heartbeat_interval,
             dead_after=timing_config.dead_after,
         )
-        pb_grpc.add_PeerServicer_to_server(
+        add_peer_service(
             PeerService(self.cluster, self._models, self._leases, secret, self._router), server
         )
         target = f"{network.listen_address}:{network.port}"
