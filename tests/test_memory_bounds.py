@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from hsmdifd.daemon.cgroups import directory_of, oom_kills
 from tests.conftest import Daemon, child_pids, stop_all, write_config
 from tests.netns import Cluster, Host, require_root_netns
 from tests.tinymodel import write_tiny_llama
@@ -44,8 +45,12 @@ def hungry_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-def memory_cgroup(host: Host) -> Path:
-    return next(d for d in host.cgroups if (d / "cgroup.procs").exists() and "cpu" not in d.parts)
+def daemon_base(d: Daemon) -> Path:
+    """The cgroup the daemon laid out: the parent of the leaf it sits in."""
+    assert d.proc is not None
+    _, leaf = directory_of(Path(f"/proc/{d.proc.pid}/cgroup"))
+    assert leaf is not None and leaf.name == "daemon", leaf
+    return leaf.parent
 
 
 @pytest.fixture
@@ -91,7 +96,8 @@ def test_the_daemon_has_its_own_leaf_and_the_engine_a_sibling(
 ) -> None:
     host, d = capped
     assert d.proc is not None
-    base = memory_cgroup(host)
+    base = daemon_base(d)
+    assert base == host.cgroups[0] or base.parent == host.cgroups[0]  # v1, v2
     limit = "memory.max" if (base / "memory.max").exists() else "memory.limit_in_bytes"
     assert int((base / "daemon" / limit).read_text()) == DAEMON_MB * MiB
     assert str(d.proc.pid) in (base / "daemon" / "cgroup.procs").read_text().split()
@@ -163,3 +169,39 @@ def test_a_load_the_host_cannot_hold_fails_alone(
     assert d.proc.poll() is None
     status_within_a_second(d)
     assert os.path.exists(d.socket)
+
+
+def test_the_daemon_outgrowing_its_leaf_ends_alone_and_starts_again(
+    short_dir: Path, tiny_model: Path
+) -> None:
+    """With a leaf too small for the speed benchmark (64 MiB), `devices --refresh-speed`
+    makes the daemon itself outgrow its limit: the OOM killer ends the daemon, counted
+    in its leaf and not in the engine's, while a program beside it keeps its memory;
+    started again (as systemd would), it serves."""
+    require_root_netns()
+    with Cluster(1, memory_limit_bytes=CAP_MB * MiB) as cluster:
+        host = cluster.hosts[0]
+        directory = short_dir / "h0"
+        directory.mkdir()
+        config = write_config(directory / "hsmdifd.toml", tiny_model, resources=SMALL_LEAF)
+        d = Daemon(dir=directory, config=config, host=host)
+        try:
+            d.start()  # measures the speed once, before the leaf is made small
+            d.stop()
+            write_config(config, tiny_model, resources=SMALL_LEAF.replace("256", "40"))
+            d.start()
+            answer(d)
+            base = daemon_base(d)
+            with neighbour(host, 50):
+                r = d.ctl("devices", "--refresh-speed", timeout=60)
+                assert r.returncode != 0
+                assert d.proc is not None and d.proc.wait(20) == -9, d.log()
+            assert oom_kills(base / "daemon") >= 1
+            assert oom_kills(base / "engine") == 0
+            d.start()
+            answer(d)
+        finally:
+            stop_all([d])
+
+
+SMALL_LEAF = "memory_reserve_mb = 0\ndaemon_memory_max_mb = 256"

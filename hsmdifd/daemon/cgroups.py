@@ -122,18 +122,27 @@ def _memory_cgroup(text: str) -> tuple[int, str]:
     return (2, unified) if unified else (0, "")
 
 
-def find(proc_cgroup: Path = PROC_CGROUP, root: Path = CGROUP_ROOT) -> Found:
-    """Read this process's memory cgroup (nothing here raises on an odd system)."""
+def directory_of(proc_cgroup: Path, root: Path = CGROUP_ROOT) -> tuple[int, Path | None]:
+    """The memory hierarchy's version and the cgroup directory named in `proc_cgroup`
+    (a /proc/PID/cgroup file); (0, None) when there is none we can see."""
     try:
         version, path = _memory_cgroup(proc_cgroup.read_text())
     except OSError:
         version, path = 0, ""
     parts = [p for p in PurePosixPath(path).parts if p != "/"]
     if version == 0 or ".." in parts:  # none, or outside our cgroup namespace
-        return Found(0, None, False, 0)
+        return 0, None
     directory = (root / "memory" if version == 1 else root).joinpath(*parts)
     if version == 2 and not (directory / "cgroup.controllers").exists():
         directory = (root / "unified").joinpath(*parts)  # a hybrid system: v2 mounted aside
+    return version, directory
+
+
+def find(proc_cgroup: Path = PROC_CGROUP, root: Path = CGROUP_ROOT) -> Found:
+    """Read this process's memory cgroup (nothing here raises on an odd system)."""
+    version, directory = directory_of(proc_cgroup, root)
+    if directory is None:
+        return Found(0, None, False, 0)
     base = directory.parent if directory.name == DAEMON else directory
     writable = os.access(base, os.W_OK) and os.access(base / "cgroup.procs", os.W_OK)
     try:
