@@ -171,3 +171,20 @@ def test_a_daemon_started_by_hand_says_once_that_it_is_not_bounded(daemon: Daemo
     assert r.returncode == 0, r.stderr
     lines = [line for line in daemon.log().splitlines() if "own memory is not bounded" in line]
     assert len(lines) == 1 and "other process(es)" in lines[0], daemon.log()
+
+
+def test_a_sigkill_is_the_oom_killers_only_when_the_leaf_counted_one(tmp_path: Path) -> None:
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    (engine / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
+    cgroups._applied["layout"] = Layout(1, tmp_path, 256 * MiB)
+    try:
+        children.command(children.ENGINE_MODULE)  # an engine starts: 3 kills so far
+        assert children.sigkill_cause() == " (out of memory?)"
+        (engine / "memory.oom_control").write_text("oom_kill 4\n")
+        said = children.sigkill_cause()
+        assert "OOM killer" in said and "--max-seq-len" in said
+        assert children.sigkill_cause() == said  # the same death, asked again
+    finally:
+        cgroups._applied.clear()
+    assert children.sigkill_cause() == " (out of memory?)"  # no leaves: cannot tell

@@ -38,15 +38,16 @@ def command(module: str, *args: str) -> list[str]:
 
 
 _oom_seen: dict[str, int] = {}
+"""The OOM kills counted in each module's leaf when its last child was started."""
 
 
 def sigkill_cause(module: str = ENGINE_MODULE) -> str:
     """For a child of `module` ended by SIGKILL: the OOM killer's doing, as far as the
-    cgroup leaf tells (a count that rose since the child started), and what to do."""
+    cgroup leaf tells (its count rose since the last such child started), and what to do.
+    Asked twice about one death, it says the same."""
     leaf = cgroups.leaf_for_children(leaf_of(module))
     if leaf is None or cgroups.oom_kills(leaf) <= _oom_seen.get(module, 0):
         return " (out of memory?)"
-    _oom_seen[module] = cgroups.oom_kills(leaf)
     return (
         ": the kernel's OOM killer ended it, this device ran out of memory; load a "
         "smaller model or a shorter --max-seq-len, or give the device more memory"
