@@ -333,6 +333,17 @@ def _limit_files(
     return {}
 
 
+def _join(directory: Path) -> str:
+    """Shell that moves itself into host cgroup `directory`: v1 the directory itself;
+    v2 a child of its own, so that the host's cgroup holds no process and a daemon may
+    lay out its cgroup as under systemd (v2 forbids processes in a cgroup whose
+    children have controllers)."""
+    where = shlex.quote(str(directory))
+    if not (directory / "cgroup.controllers").exists():
+        return f"echo $$ > {where}/cgroup.procs"
+    return f"mkdir -p {where}/p$$ && echo $$ > {where}/p$$/cgroup.procs"
+
+
 def _remove_cgroup_tree(directory: Path, deadline: float) -> None:
     """Kill what runs in `directory` and remove it with its children."""
     while True:
@@ -382,9 +393,7 @@ class Host:
         ]
         if not self.cgroups:
             return argv
-        joins = " && ".join(
-            f"echo $$ > {shlex.quote(str(d / 'cgroup.procs'))}" for d in self.cgroups
-        )
+        joins = " && ".join(_join(d) for d in self.cgroups)
         return [_tool("sh"), "-c", f'{joins} && exec "$@"', "sh", *argv]
 
     def run(self, cmd: Command, **kw: Any) -> subprocess.CompletedProcess[Any]:
@@ -602,6 +611,8 @@ class Cluster:
                 for h in self.hosts:
                     directory = parent / f"h{h.index}"
                     directory.mkdir()
+                    if hierarchy.version == 2:  # its processes go one level down: _join
+                        (directory / "cgroup.subtree_control").write_text(controls)
                     dirs[h.index].append(directory)
                     for controller in hierarchy.controllers:
                         files = _limit_files(

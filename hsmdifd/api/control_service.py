@@ -273,15 +273,20 @@ class ControlService(pb_grpc.ControlServicer):
             await context.abort(e.code, str(e))
 
 
-class _Undecodable:
+class _Undecodable(bytes):
     """What a request that is not a valid protobuf message is deserialized into, so that
-    its handler refuses it with a sentence instead of gRPC logging a traceback."""
+    its handler refuses it with a sentence instead of gRPC logging a traceback. It keeps
+    the bytes as they came, which is what a peer's proof covers."""
 
-    def __init__(self, error: Exception) -> None:
+    sentence: str
+
+    def __new__(cls, data: bytes, error: Exception) -> _Undecodable:
+        self = super().__new__(cls, data)
         self.sentence = (
             f"the request could not be decoded ({shorten(str(error))}); use an hsmdifctl of "
             f"the same version as hsmdifd ({__version__})"
         )
+        return self
 
 
 def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
@@ -289,7 +294,7 @@ def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
         try:
             return parse(data)
         except DecodeError as e:
-            return _Undecodable(e)
+            return _Undecodable(data, e)
 
     return deserialize
 
@@ -298,10 +303,17 @@ def add_control_service(service: ControlService, server: grpc.aio.Server) -> Non
     """Serve `service` on `server`, as add_ControlServicer_to_server does, except that an
     undecodable request gets INVALID_ARGUMENT and one rate-limited log line, and an error
     no handler expected gets INTERNAL with a sentence and one rate-limited traceback."""
+    add_guarded(pb_grpc.add_ControlServicer_to_server, service, server, service._log)
+
+
+def add_guarded(
+    add: Callable[[Any, Any], None], service: Any, server: grpc.aio.Server, limiter: LogLimiter
+) -> None:
+    """Serve `service` with the generated `add` function, guarded as the control service."""
     capture = _Capture()
-    pb_grpc.add_ControlServicer_to_server(service, capture)  # type: ignore[arg-type]
+    add(service, capture)
     handlers = {
-        name: _guarded(name, handler, service._log) for name, handler in capture.handlers.items()
+        name: _guarded(name, handler, limiter) for name, handler in capture.handlers.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.name, handlers),))
     server.add_registered_method_handlers(capture.name, handlers)  # type: ignore[attr-defined]

@@ -11,13 +11,14 @@ import grpc
 
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
-from hsmdifd.api.control_service import check_generate
+from hsmdifd.api.control_service import add_guarded, check_generate, check_load, check_plan
 from hsmdifd.api.routing import Router
 from hsmdifd.cluster import auth
 from hsmdifd.cluster.membership import PROTOCOL_VERSION
 from hsmdifd.cluster.policy import policy_to_pb
 from hsmdifd.cluster.view import Cluster
 from hsmdifd.daemon.errors import RequestError
+from hsmdifd.daemon.logs import LogLimiter
 from hsmdifd.engine.models import Models
 from hsmdifd.placement.leases import Leases
 
@@ -37,11 +38,16 @@ class PeerService(pb_grpc.PeerServicer):
         self._models = models
         self._leases = leases
         self._router = router
+        self._log = LogLimiter(log)
 
     async def Hello(self, request: pb.HelloRequest, context: Context) -> pb.HelloReply:
         """Prove this device holds the secret, before the caller sends any proof."""
         if not _CHALLENGE.fullmatch(request.challenge) or not _NODE_ID.fullmatch(request.caller_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a malformed challenge")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "a malformed challenge: Hello takes 32 lowercase hex digits and the caller's "
+                "node id (1 to 128 letters, digits, - or _)",
+            )
         me = self._cluster.identity.node_id
         return pb.HelloReply(
             protocol_version=PROTOCOL_VERSION,
@@ -86,6 +92,7 @@ class PeerService(pb_grpc.PeerServicer):
     async def Load(self, request: pb.LoadRequest, context: Context) -> AsyncIterator[pb.LoadEvent]:
         await self._refuse_unless_root(context)
         try:
+            check_load(request)  # a peer's hsmdifctl checked it; a peer's bug may not have
             async for event in self._models.load(request):
                 yield event
         except RequestError as e:
@@ -98,6 +105,7 @@ class PeerService(pb_grpc.PeerServicer):
     async def Plan(self, request: pb.PlanRequest, context: Context) -> pb.PlanReply:
         await self._refuse_unless_root(context)
         try:
+            check_plan(request)
             return await self._models.describe(request)
         except RequestError as e:
             await context.abort(e.code, str(e))
@@ -113,3 +121,10 @@ class PeerService(pb_grpc.PeerServicer):
     async def StopRpc(self, request: pb.LeaseEnd, context: Context) -> pb.LeaseEnd:
         await self._leases.end(request.lease_id)
         return request
+
+
+def add_peer_service(service: PeerService, server: grpc.aio.Server) -> None:
+    """Serve `service` as add_PeerServicer_to_server does, except that an undecodable
+    request (its proof checked over its bytes) gets INVALID_ARGUMENT with a sentence,
+    and an error no handler expected gets INTERNAL with one rate-limited traceback."""
+    add_guarded(pb_grpc.add_PeerServicer_to_server, service, server, service._log)

@@ -12,16 +12,52 @@ import os
 import sys
 from typing import NoReturn
 
-from hsmdifd.daemon import timing
+from hsmdifd.daemon import cgroups, timing
+
+ENGINE_MODULE = "hsmdifd.engine.child"
+
+
+def leaf_of(module: str) -> str:
+    """The cgroup leaf a child runs in: the engine apart, the rest (rpc-worker,
+    quantizer) together; never the daemon's own."""
+    return cgroups.ENGINE if module == ENGINE_MODULE else cgroups.WORKERS
+
+
+def command(module: str, *args: str) -> list[str]:
+    """The argv that runs `python -m module args` in the child's own cgroup leaf, when
+    the daemon laid its cgroup out: a shell joins the leaf, then becomes Python, so that
+    every byte the child allocates is charged to its leaf (if joining fails, the child
+    runs where the daemon does, as it would without the leaves)."""
+    argv = [sys.executable, "-m", module, *args]
+    leaf = cgroups.leaf_for_children(leaf_of(module))
+    if leaf is None:
+        return argv
+    _oom_seen[module] = cgroups.oom_kills(leaf)
+    join = 'echo $$ 2>/dev/null >"$0"; exec "$@"'
+    return ["/bin/sh", "-c", join, str(leaf / "cgroup.procs"), *argv]
+
+
+_oom_seen: dict[str, int] = {}
+"""The OOM kills counted in each module's leaf when its last child was started."""
+
+
+def sigkill_cause(module: str = ENGINE_MODULE) -> str:
+    """For a child of `module` ended by SIGKILL: the OOM killer's doing, as far as the
+    cgroup leaf tells (its count rose since the last such child started), and what to do.
+    Asked twice about one death, it says the same."""
+    leaf = cgroups.leaf_for_children(leaf_of(module))
+    if leaf is None or cgroups.oom_kills(leaf) <= _oom_seen.get(module, 0):
+        return " (out of memory?)"
+    return (
+        ": the kernel's OOM killer ended it, this device ran out of memory; load a "
+        "smaller model or a shorter --max-seq-len, or give the device more memory"
+    )
 
 
 async def start_child(module: str, *args: str) -> asyncio.subprocess.Process | None:
     """Run `python -m module args`; the process once it said `ready`, else None (ended)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        module,
-        *args,
+        *command(module, *args),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )

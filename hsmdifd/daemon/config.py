@@ -77,6 +77,9 @@ class ResourcesConfig:
     memory_reserve_mb: int = 512
     memory_override_mb: int = 0
     speed_override: float = 0.0
+    daemon_memory_max_mb: int = 512
+    """The daemon's own memory limit, where it has a cgroup of its own (under systemd);
+    its children (the model) are not counted in it. 0: no limit of its own."""
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,10 @@ def _validate(config: Config, file: str) -> None:
         (0 < config.network.port < 65536, "'network.port' must be between 1 and 65535"),
         (config.resources.threads >= 0, "'resources.threads' must be 0 (automatic) or more"),
         (config.resources.memory_reserve_mb >= 0, "'resources.memory_reserve_mb' must be >= 0"),
+        (
+            config.resources.daemon_memory_max_mb >= 0,
+            "'resources.daemon_memory_max_mb' must be >= 0",
+        ),
         (config.resources.memory_override_mb >= 0, "'resources.memory_override_mb' must be >= 0"),
         (config.resources.speed_override >= 0, "'resources.speed_override' must be >= 0"),
         (config.model.context_length >= 16, "'model.context_length' must be at least 16"),

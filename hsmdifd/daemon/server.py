@@ -20,12 +20,11 @@ from pathlib import Path
 import grpc
 
 from hsmdif.proto import hsmdif_pb2 as pb
-from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
 from hsmdifd.api import api_key
 from hsmdifd.api.control_service import ControlService, add_control_service
 from hsmdifd.api.http_api import HttpApi, model_id
 from hsmdifd.api.metrics import ClusterView, Metrics
-from hsmdifd.api.peer_service import PeerService
+from hsmdifd.api.peer_service import PeerService, add_peer_service
 from hsmdifd.api.queue import RequestQueue
 from hsmdifd.api.routing import Router
 from hsmdifd.cluster import tls
@@ -34,7 +33,7 @@ from hsmdifd.cluster.devices_file import load_devices_file
 from hsmdifd.cluster.follow import Follower
 from hsmdifd.cluster.membership import OPEN_METHODS, server_keepalive_options
 from hsmdifd.cluster.view import Cluster
-from hsmdifd.daemon import notify, timing
+from hsmdifd.daemon import cgroups, notify, timing
 from hsmdifd.daemon.bundled import bundled_model_path
 from hsmdifd.daemon.config import Config, ConfigError, api_address, load_config, with_overrides
 from hsmdifd.daemon.node import Identity, load_identity
@@ -159,6 +158,7 @@ class Daemon:
 
     async def startup(self) -> None:
         config = self.config
+        cgroups.bound_daemon(config.resources.daemon_memory_max_mb)
         try:
             config.state_dir.mkdir(parents=True, exist_ok=True)
             self.identity = load_identity(config)
@@ -323,7 +323,7 @@ class Daemon:
             keepalive_interval=timing_config.heartbeat_interval,
             dead_after=timing_config.dead_after,
         )
-        pb_grpc.add_PeerServicer_to_server(
+        add_peer_service(
             PeerService(self.cluster, self._models, self._leases, secret, self._router), server
         )
         target = f"{network.listen_address}:{network.port}"

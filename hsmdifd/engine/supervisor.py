@@ -23,7 +23,7 @@ import psutil
 
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
-from hsmdifd.daemon.children import start_child, stop_child
+from hsmdifd.daemon.children import sigkill_cause, start_child, stop_child
 from hsmdifd.daemon.errors import RequestError
 from hsmdifd.placement.gguf_model import ModelShape
 from hsmdifd.placement.planner import Plan
@@ -136,7 +136,7 @@ def describe_exit(returncode: int | None) -> str:
         return "still running"
     if returncode < 0:
         name = signal.Signals(-returncode).name
-        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        hint = sigkill_cause() if name == "SIGKILL" else ""
         return f"killed by {name}{hint}"
     return f"exit status {returncode}"
 

@@ -27,6 +27,8 @@ import numpy as np
 import numpy.typing as npt
 import psutil
 
+from hsmdifd.daemon import cgroups
+
 log = logging.getLogger(__name__)
 
 PROC_CGROUP = Path("/proc/self/cgroup")
@@ -83,6 +85,8 @@ def _cgroup_dirs(proc_cgroup: Path, cgroup_root: Path, controller: str) -> tuple
     parts = [p for p in PurePosixPath(cgroup).parts if p != "/"]
     if ".." in parts:  # outside our cgroup namespace: only the root we can see applies
         parts = []
+    # The daemon's own leaf (and its children's) is not the device: measure above them.
+    parts = cgroups.outside_leaves(parts, lambda parent: cgroups.laid_out(base.joinpath(*parent)))
     return version, [base.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
 
 

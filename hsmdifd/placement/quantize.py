@@ -30,6 +30,7 @@ from pathlib import Path
 
 from gguf.constants import GGMLQuantizationType
 
+from hsmdifd.daemon import children
 from hsmdifd.placement.gguf_model import read_model_shape, read_tensor_table
 
 GIB = 1024**3
@@ -180,13 +181,9 @@ async def _run_quantizer(
     source: Path, out: Path, lvl: Level, threads: int, progress: Progress | None
 ) -> None:
     child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "hsmdifd.placement.quantize",
-        str(source),
-        str(out),
-        str(lvl.ftype),
-        str(threads),
+        *children.command(
+            "hsmdifd.placement.quantize", str(source), str(out), str(lvl.ftype), str(threads)
+        ),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
