@@ -224,10 +224,37 @@ class Timed:
         self.proc.wait(30)
 
 
+def _carried(relays: list[relay.Traffic]) -> dict[str, float]:
+    """Reads and bytes per direction, summed over `relays`."""
+    return {
+        "reads_out": sum(t.reads_out for t in relays),
+        "bytes_out": sum(t.bytes_out for t in relays),
+        "reads_in": sum(t.reads_in for t in relays),
+        "bytes_in": sum(t.bytes_in for t in relays),
+    }
+
+
+async def _generation(
+    timed: Timed, tokens: int, meters: dict[str, list[relay.Traffic]]
+) -> dict[str, float]:
+    """Generate `tokens`: tokens/s, this process's CPU, and what each relay carried."""
+    before = {k: _carried(t) for k, t in meters.items()}
+    cpu = _cpu()
+    reply = await asyncio.to_thread(timed.ask, f"gen {tokens}")
+    figures = {"tokens_per_s": float(reply["tokens_per_s"]), "cpu_ms": (_cpu() - cpu) * 1000}
+    for name, traffic in meters.items():
+        after = _carried(traffic)
+        figures.update({f"{name}_{k}": v - before[name][k] for k, v in after.items()})
+    return figures
+
+
 async def decode(
     model: Path, tokens: int, port: int, creds: tuple[tls.DeviceCredentials, ...]
 ) -> dict[str, dict[str, float]]:
-    """Time a decode straight to the rpc-worker on `port`, then through the relays."""
+    """Time a decode straight to the rpc-worker on `port`, then through the relays.
+
+    Per token: a generation of `tokens` less one of 1 (the prompt is the same).
+    """
     results: dict[str, dict[str, float]] = {}
     for path in ("direct", "tls"):
         token = secrets.token_bytes(relay.TOKEN_BYTES)
@@ -235,21 +262,20 @@ async def decode(
         await worker_relay.start()
         roots = await relay.open_root_relays(creds[0], [(worker_relay.endpoint, token, "worker")])
         endpoint = f"127.0.0.1:{port}" if path == "direct" else roots.local_endpoints[0]
+        meters = {"root": roots.traffic, "worker": [worker_relay.traffic]}
         timed = await asyncio.to_thread(Timed, model, endpoint)
         try:
             await asyncio.to_thread(timed.ask, "load 999 1")
             await asyncio.to_thread(timed.ask, "gen 8")  # warm
-            cpu = _cpu()
-            reply = await asyncio.to_thread(timed.ask, f"gen {tokens}")
-            cpu = _cpu() - cpu
+            one = await _generation(timed, 1, meters)
+            many = await _generation(timed, tokens, meters)
         finally:
             await asyncio.to_thread(timed.close)
             await roots.close()
             await worker_relay.close()
-        results[f"decode_{path}"] = {
-            "tokens_per_s": float(reply["tokens_per_s"]),
-            "relay_cpu_ms_per_token": cpu / int(reply["tokens"]) * 1000,
-        }
+        figures = {k: (many[k] - one[k]) / (tokens - 1) for k in many if k != "tokens_per_s"}
+        figures["relay_cpu_ms_per_token"] = figures.pop("cpu_ms")
+        results[f"decode_{path}"] = {"tokens_per_s": many["tokens_per_s"], **figures}
     return results
 
 
@@ -297,6 +323,14 @@ def main() -> None:
             f"{path}: {figures['tokens_per_s']:7.1f} tokens/s, "
             f"{figures['relay_cpu_ms_per_token']:6.3f} ms relay CPU per token"
         )
+    if decoded:
+        f = decoded["decode_tls"]
+        for end in ("root", "worker"):
+            print(
+                f"per token, the {end} relay read {f[end + '_reads_out']:.1f} times "
+                f"({f[end + '_bytes_out']:.0f} B) towards the rpc-worker and "
+                f"{f[end + '_reads_in']:.1f} times ({f[end + '_bytes_in']:.0f} B) back"
+            )
     if decoded:
         ratio = decoded["decode_tls"]["tokens_per_s"] / decoded["decode_direct"]["tokens_per_s"]
         print(f"decode through the TLS relays / straight: {ratio:.3f}")
