@@ -7,14 +7,12 @@ the worker's daemons each do for one lease; a child process plays llama.cpp on o
 end and the rpc-worker on the other, so that the CPU this process uses is the two
 relays' (TLS both ways, and the thread per direction on each side). It pushes
 `--mb` MB through tls, plain and no relay at all, and times `--pings` round trips of
-64 bytes (bytes that are no llama.cpp RPC, so the root relay holds nothing back).
-The figures of "direct" are the child's own cost, for scale. With `--decode`, it
-also generates `--tokens` tokens with bench.llama_rpc, every layer on an rpc-worker,
-straight to the worker and through the TLS relays: tokens per second of each, the
-relays' CPU per token, and how many reads each relay made per token each way (a
-token is about seven requests to a worker, one of which gets an answer; the root's
-relay sends those without one on together). The model: `--model`, or a small
-generated llama. Prints one line per figure, and JSON last.
+64 bytes (a decode step is a few dozen such round trips). The figures of "direct"
+are the child's own cost, for scale. With `--decode`, it also generates `--tokens`
+tokens with bench.llama_rpc, every layer on an rpc-worker, straight to the worker and
+through the TLS relays: tokens per second of each and the relays' CPU per token
+(the model: `--model`, or a small generated llama). Prints one line per figure, and
+JSON last.
 """
 
 from __future__ import annotations

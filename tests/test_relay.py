@@ -22,13 +22,10 @@ from typing import Any, TypeVar
 
 import psutil
 import pytest
-from hypothesis import assume, given
-from hypothesis import strategies as st
 
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdifd.cluster import tls
 from hsmdifd.engine import relay, rpc, rpc_worker
-from hsmdifd.engine.relay import framing
 from hsmdifd.placement.leases import Leases
 from tests.tinymodel import write_tiny_llama
 
@@ -166,15 +163,13 @@ class Relays:
 
 
 @contextlib.asynccontextmanager
-async def relays(
-    creds: Creds, worker: Worker | int, data_plane: str = "tls"
-) -> AsyncIterator[Relays]:
-    """Relays to `worker` (or to whatever listens on that port of 127.0.0.1)."""
-    target = worker if isinstance(worker, int) else worker.port
+async def relays(creds: Creds, worker: Worker, data_plane: str = "tls") -> AsyncIterator[Relays]:
     token = secrets.token_bytes(relay.TOKEN_BYTES)
     worker_creds = creds.worker if data_plane == "tls" else None
     root_creds = creds.root if data_plane == "tls" else None
-    worker_relay = relay.WorkerRelay(worker_creds, ROOT, token, HOST, target, data_plane=data_plane)
+    worker_relay = relay.WorkerRelay(
+        worker_creds, ROOT, token, HOST, worker.port, data_plane=data_plane
+    )
     await worker_relay.start()
     roots = await relay.open_root_relays(
         root_creds, [(worker_relay.endpoint, token, WORKER)], data_plane
@@ -275,121 +270,11 @@ def test_llama_cpp_split_load_through_the_relays(
 
     async def main() -> list[str]:
         async with relays(creds, worker) as r:
-            tokens = await in_thread(generate, r.root.local_endpoint)
-            root, far = r.root.traffic, r.worker.traffic
-        assert (far.bytes_out, far.bytes_in) == (root.bytes_out, root.bytes_in) > (0, 0)
-        return tokens
+            return await in_thread(generate, r.root.local_endpoint)
 
     relayed = run(main())
     assert len(relayed) == 8
     assert relayed == generate(f"{HOST}:{worker.port}")  # the same as straight to the worker
-
-
-# ---------------------------------------------------------------- holding requests back
-
-
-def _request(command: int, payload: bytes) -> bytes:
-    return bytes([command]) + struct.pack("<Q", len(payload)) + payload
-
-
-requests = st.lists(
-    st.tuples(st.sampled_from([0, 6, 6, 6, 8, 10, 16]), st.binary(max_size=40)), max_size=12
-)
-
-
-def test_requests_without_a_reply_reach_the_worker_together(creds: Creds) -> None:
-    """SET_TENSOR requests that llama.cpp writes one by one come out of the worker's
-    relay in one piece with the request that asks for an answer; the answer comes back."""
-    hello_request = _request(framing.RPC_CMD_HELLO, bytes(24))
-    sets = [_request(6, bytes([i]) * 300) for i in range(5)]
-    final = _request(8, b"get")
-    sink = socket.create_server((HOST, 0))
-    pieces: list[int] = []
-
-    def serve() -> bytes:
-        conn, _ = sink.accept()
-        with conn:
-            assert _exact(conn, len(hello_request)) == hello_request
-            conn.sendall(struct.pack("<Q", 1) + b"h")
-            data = b""
-            while not data.endswith(final):
-                chunk = conn.recv(65536)
-                assert chunk, "closed before the last request"
-                pieces.append(len(chunk))
-                data += chunk
-            conn.sendall(struct.pack("<Q", 2) + b"ok")
-            return data
-
-    def client(address: tuple[str, int]) -> bytes:
-        with connect(address) as sock:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.sendall(hello_request)
-            assert _exact(sock, 9)[8:] == b"h"
-            for request in sets:
-                sock.sendall(request)
-                time.sleep(0.0002)  # llama.cpp's pace
-            sock.sendall(final)
-            return _exact(sock, 10)[8:]
-
-    async def main() -> None:
-        async with relays(creds, sink.getsockname()[1]) as r:
-            served = asyncio.create_task(in_thread(serve))
-            assert await in_thread(client, r.local) == b"ok"
-            assert await served == b"".join(sets) + final
-            assert len(pieces) <= 3, pieces  # one write, unless the machine is very busy
-
-    with sink:
-        run(main())
-
-
-@given(requests, st.lists(st.integers(1, 64), min_size=1), st.sets(st.integers(0, 12)))
-def test_framing_holds_only_what_needs_no_answer(
-    rest: list[tuple[int, bytes]], cuts: list[int], flushes: set[int]
-) -> None:
-    """Fed in pieces of any size, with flushes anywhere between requests: between
-    requests it holds back exactly runs of SET_TENSOR, inside one it holds back the
-    part of it fed so far and knows how much is missing."""
-    messages = [(framing.RPC_CMD_HELLO, bytes(24)), *rest]
-    stream = framing.RequestFraming()
-    since_flush: list[int] = []
-    for index, (command, payload) in enumerate(messages):
-        if index in flushes:
-            stream.flushed()
-            since_flush = []
-        data = _request(command, payload)
-        at = 0
-        for cut in [*cuts, len(data)]:
-            piece = data[at : at + cut]
-            stream.feed(piece)
-            at += len(piece)
-            if at == len(data):
-                break
-            assert stream.may_hold()
-            assert stream.missing() == (9 - at if at < 9 else len(data) - at)
-        since_flush.append(command)
-        assert stream.missing() == 0
-        assert stream.may_hold() == all(c == 6 for c in since_flush)
-        assert not stream.lost
-
-
-@given(st.binary(min_size=9))
-def test_framing_follows_no_stream_that_is_not_llama_cpp_rpc(data: bytes) -> None:
-    """Bytes that do not begin with HELLO, or bear a command beyond llama.cpp's, are
-    never held back."""
-    assume(data[0] != framing.RPC_CMD_HELLO)
-    stream = framing.RequestFraming()
-    stream.feed(data)
-    assert stream.lost
-    assert not stream.may_hold()
-    assert stream.missing() == 0
-    stream.feed(_request(6, b"x"))
-    assert not stream.may_hold()
-
-
-def test_framing_gives_up_on_an_impossible_command_later_on() -> None:
-    stream = framing.RequestFraming()
-    stream.feed(_request(framing.RPC_CMD_HELLO, b"") + _request(200, b"") + b"\x06")
-    assert stream.lost and not stream.may_hold() and stream.missing() == 0
 
 
 # ---------------------------------------------------------------- the attacker

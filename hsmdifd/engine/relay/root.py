@@ -136,7 +136,7 @@ class RootRelay:
                 local.sock.close()
                 return
             upstream.settimeout(None)
-            splice = Splice(local.sock, upstream, "relay root", self.traffic, hold_requests=True)
+            splice = Splice(local.sock, upstream, "relay root", self.traffic)
             with self._lock:
                 local.upstream, local.splice = upstream, splice
                 closing = self._closing

@@ -2,12 +2,9 @@
 
 Each direction has a thread of its own that blocks in `recv_into` (the GIL released)
 and writes what it read with one `sendall`: one wake-up per segment that arrives, no
-Python work per RPC message beyond that. llama.cpp writes each RPC request with one
-`send`, seven or so a decoded token for each worker, all but the last two without a
-reply. The root's relay holds those back (`framing`) for at most `HOLD_SECONDS`, so
-that the TLS leg, the worker's relay and the rpc-worker see one write where there
-were several (the counts are in `Traffic`; `python -m bench.relay --decode` prints
-them).
+Python work per RPC message beyond that, nothing polled. llama.cpp writes each RPC
+message with one `send`, so a decoded token is a handful of wake-ups per relay (the
+counts are in `Traffic`; `python -m bench.relay --decode` prints them).
 """
 
 from __future__ import annotations
@@ -16,7 +13,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-import select
 import socket
 import ssl
 import threading
@@ -24,15 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hsmdifd.daemon import timing
-from hsmdifd.engine.relay.framing import RequestFraming
 
 BUFFER_BYTES = 256 * 1024
 """Bytes each direction of a splice reads at once."""
-HOLD_SECONDS = 0.001
-"""How long requests without a reply wait for the next one (llama.cpp writes a decode
-step's inputs a few tenths of a millisecond apart). They wait only for bytes that
-follow them on the same connection: the server cannot use them before those."""
-_HOLD_ROOM = BUFFER_BYTES // 2
 _PR_SET_NAME = 15
 
 
@@ -138,15 +128,8 @@ class Splice:
         name: str,
         traffic: Traffic,
         on_end: Callable[[], None] = lambda: None,
-        *,
-        hold_requests: bool = False,
     ) -> None:
-        """`name` names the threads: "NAME >" copies from `a` to `b`, "NAME <" back.
-
-        With `hold_requests`, `a` is llama.cpp's plain TCP connection and requests
-        that get no reply are held back (see the module's docstring).
-        """
-        self._hold = hold_requests
+        """`name` names the threads: "NAME >" copies from `a` to `b`, "NAME <" back."""
         self._a, self._b = a, b
         self._name = name
         self._traffic = traffic
@@ -158,9 +141,8 @@ class Splice:
 
     def start(self) -> None:
         for src, dst, arrow in ((self._a, self._b, ">"), (self._b, self._a, "<")):
-            holding = self._hold and src is self._a
             threading.Thread(
-                target=self._pump_holding if holding else self._pump,
+                target=self._pump,
                 args=(src, dst, f"{self._name} {arrow}"),
                 name=f"{self._name} {arrow}",
                 daemon=True,
@@ -187,44 +169,6 @@ class Splice:
             pass
         except (OSError, ValueError):
             self.abort()  # a reset or a failed write: nothing more can pass either way
-        finally:
-            self._ended(dst)
-
-    def _pump_holding(self, src: socket.socket, dst: socket.socket, name: str) -> None:
-        """`_pump` for llama.cpp's requests, holding back those without a reply."""
-        name_thread(name)
-        framing = RequestFraming()
-        readable = select.poll()
-        readable.register(src, select.POLLIN)
-        buffer = bytearray(BUFFER_BYTES)
-        view = memoryview(buffer)
-        held = 0
-        try:
-            while True:
-                if held and not readable.poll(HOLD_SECONDS * 1000):
-                    dst.sendall(view[:held])
-                    held = 0
-                    framing.flushed()
-                # The rest of a request that has begun is on its way: wait for it in
-                # the kernel rather than wake up for each piece llama.cpp writes.
-                missing = min(framing.missing(), BUFFER_BYTES - held)
-                if missing:
-                    n = src.recv_into(view[held : held + missing], missing, socket.MSG_WAITALL)
-                else:
-                    n = src.recv_into(view[held:])
-                if not n:
-                    break
-                framing.feed(view[held : held + n])
-                self._traffic.count(True, n)
-                held += n
-                if held >= _HOLD_ROOM or not framing.may_hold():
-                    dst.sendall(view[:held])
-                    held = 0
-                    framing.flushed()
-            if held:
-                dst.sendall(view[:held])
-        except (OSError, ValueError):
-            self.abort()
         finally:
             self._ended(dst)
 
