@@ -7,12 +7,14 @@ the worker's daemons each do for one lease; a child process plays llama.cpp on o
 end and the rpc-worker on the other, so that the CPU this process uses is the two
 relays' (TLS both ways, and the thread per direction on each side). It pushes
 `--mb` MB through tls, plain and no relay at all, and times `--pings` round trips of
-64 bytes (a decode step is a few dozen such round trips). The figures of "direct"
-are the child's own cost, for scale. With `--decode`, it also generates `--tokens`
-tokens with bench.llama_rpc, every layer on an rpc-worker, straight to the worker and
-through the TLS relays: tokens per second of each and the relays' CPU per token
-(the model: `--model`, or a small generated llama). Prints one line per figure, and
-JSON last.
+64 bytes. The figures of "direct" are the child's own cost, for scale. With
+`--decode`, it also generates `--tokens` tokens with bench.llama_rpc, every layer on
+an rpc-worker, straight to the worker and through the TLS relays: tokens per second
+of each, the relays' CPU per token and how many reads each relay made per token each
+way (the model: `--model`, or a small generated llama). llama.cpp writes about seven
+requests per token to each worker, in one send each or two, and reads one answer: a
+token costs each relay that many wake-ups each way, and one round trip. Prints one line per
+figure, and JSON last.
 """
 
 from __future__ import annotations
@@ -290,7 +292,15 @@ def run_decode(model: Path | None, tokens: int) -> dict[str, dict[str, float]]:
         )
         port = rpc.free_port("127.0.0.1")
         worker = subprocess.Popen(
-            [sys.executable, "-m", "hsmdifd.engine.rpc_worker", f"--endpoint=127.0.0.1:{port}"],
+            # One thread, as the client's: more would spin beside the relays and the
+            # client for the same cores and make every figure of the decode erratic.
+            [
+                sys.executable,
+                "-m",
+                "hsmdifd.engine.rpc_worker",
+                f"--endpoint=127.0.0.1:{port}",
+                "--threads=1",
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
