@@ -2,9 +2,11 @@
 
 Each direction has a thread of its own that blocks in `recv_into` (the GIL released)
 and writes what it read with one `sendall`: one wake-up per segment that arrives, no
-Python work per RPC message beyond that, nothing polled. llama.cpp writes each RPC
-message with one `send`, so a decoded token is a handful of wake-ups per relay (the
-counts are in `Traffic`; `python -m bench.relay --decode` prints them).
+Python work per RPC message beyond that, nothing polled. A decoded token is about
+seven requests to each worker (llama.cpp writes each in one send or two) and one
+answer: that many wake-ups per relay each way (the counts are in `Traffic`;
+`python -m bench.relay --decode` prints them). The relay passes bytes on as they
+come and knows nothing of llama.cpp's framing.
 """
 
 from __future__ import annotations
