@@ -7,16 +7,17 @@ room beside it for the by-hand rpc-worker. The by-hand run uses the very split t
 daemon loaded (n_gpu_layers, tensor_split, registration order) with fresh
 rpc-workers on the same hosts and a client in the root's host. Generations
 alternate between the two; the figures are medians, the ratio the median of the
-ratios of back-to-back pairs. Per decoded token (a generation of 96 tokens less one
-of 1): bytes on the wire from the root host's veth counters (every RPC byte passes
-through the root), the CPU time of the root's processes (daemon and engine, or
-the by-hand client) and of hsmdifctl, and that of the relays' copy threads (found
-by their names in /proc: the root daemon's, and the workers' together). The same
-costs with `data_plane = "plain"` come from a second cluster of the same hosts,
-without the by-hand run (in the quick run, for 2 hosts only). Prints a table and
-merges `distributed` into bench/results.json.
+ratios of back-to-back pairs. Per decoded token (a generation of 96 tokens, 48 in
+the quick run, less one of 1): bytes on the wire from the root host's veth
+counters (every RPC byte passes through the root), the CPU time of the root's
+processes (daemon and engine, or the by-hand client) and of hsmdifctl, and that of
+the relays' copy threads (found by their names in /proc: the root daemon's, and
+the workers' together). The same costs with `data_plane = "plain"` come from a
+second cluster of the same hosts, without the by-hand run (not in the quick run,
+which must fit its time budget on a busy machine, unless --plain). Prints a table,
+what separates each ratio from 0.97, and merges `distributed` into bench/results.json.
 
-    sudo python -m bench.distributed [--reps N] [--tokens N] [--quick]
+    sudo python -m bench.distributed [--reps N] [--tokens N] [--quick [--plain]]
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from tests.conftest import Daemon
 MODEL = Synthetic(n_layer=10, n_embd=1024, n_ff=2816)
 CPU_QUOTA = 1.0
 COST_TOKENS = 96  # tokens of the generations that measure bytes and CPU per token
+QUICK_COST_TOKENS = 48  # in the quick run
 
 
 ENGINE = "hsmdifd.engine.child"  # in the engine child's command line
@@ -122,7 +124,14 @@ def rounded(costs: dict[str, float], prefix: str = "") -> dict[str, float]:
 
 
 def measure(
-    hosts: int, model: Path, reps: int, tokens: int, hand: bool, *, data_plane: str = "tls"
+    hosts: int,
+    model: Path,
+    reps: int,
+    tokens: int,
+    hand: bool,
+    *,
+    data_plane: str = "tls",
+    cost_tokens: int = COST_TOKENS,
 ) -> dict[str, Any]:
     """hsmdif on `hosts` hosts (and, with `hand`, llama.cpp RPC by hand beside it)."""
     shape = read_model_shape(model)
@@ -167,7 +176,7 @@ def measure(
         costs = cost_meters(root, daemons)
         if not hand:
             ours = [hsmdif_prompt(root, tokens) for _ in range(reps)]
-            measured = per_token(lambda n: hsmdif_prompt(root, n), COST_TOKENS, costs)
+            measured = per_token(lambda n: hsmdif_prompt(root, n), cost_tokens, costs)
             result.update(rounded(measured))
             if not ours:  # the costs alone
                 return result
@@ -181,12 +190,12 @@ def measure(
                     ours.append(hsmdif_prompt(root, tokens))
                     if not i % 2:
                         theirs.append(by_hand.generate(tokens))
-                measured = per_token(lambda n: hsmdif_prompt(root, n), COST_TOKENS, costs)
+                measured = per_token(lambda n: hsmdif_prompt(root, n), cost_tokens, costs)
                 result.update(rounded(measured))
                 client = by_hand.client_pid
                 measured = per_token(
                     by_hand.generate,
-                    COST_TOKENS,
+                    cost_tokens,
                     {
                         "wire_bytes_per_token": lambda: float(link_bytes(order[0])),
                         "root_cpu_ms_per_token": lambda: cpu_seconds(client) * 1000,
@@ -217,14 +226,21 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="5 repetitions of 32 tokens")
+    parser.add_argument(
+        "--plain", action="store_true", help='the data_plane = "plain" costs in a quick run too'
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file to update")
     args = parser.parse_args()
     if args.quick:
         args.reps, args.tokens = 5, 32
     model = MODEL.path()
-    by_hosts = {str(n): measure(n, model, args.reps, args.tokens, hand=True) for n in (2, 3)}
-    for n in (2,) if args.quick else (2, 3):
-        plain = measure(n, model, 0, args.tokens, hand=False, data_plane="plain")
+    cost = QUICK_COST_TOKENS if args.quick else COST_TOKENS
+    by_hosts = {
+        str(n): measure(n, model, args.reps, args.tokens, hand=True, cost_tokens=cost)
+        for n in (2, 3)
+    }
+    for n in (2, 3) if args.plain or not args.quick else ():
+        plain = measure(n, model, 0, args.tokens, False, data_plane="plain", cost_tokens=cost)
         by_hosts[str(n)]["plain"] = {k: v for k, v in plain.items() if k.endswith("_per_token")}
     print_table(by_hosts)
     print_gap(by_hosts)
