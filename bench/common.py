@@ -277,13 +277,16 @@ def splits_for(counts: Sequence[int]) -> tuple[int, list[float]]:
 # --- hsmdif daemons --------------------------------------------------------------------
 
 
-def write_daemon_config(path: Path, model: Path, *, usable_mb: int = 0) -> Path:
+def write_daemon_config(
+    path: Path, model: Path, *, usable_mb: int = 0, data_plane: str = "tls"
+) -> Path:
     """One thread, no reserve; `usable_mb` declares the memory the planner sees."""
     resources = "threads = 1\nmemory_reserve_mb = 0\n"
     if usable_mb:
         resources += f"memory_override_mb = {usable_mb}\n"
     model_lines = f'default = "{model}"\ncontext_length = {N_CTX}\nmax_tokens = 512\n'
-    path.write_text(f"[resources]\n{resources}[model]\n{model_lines}")
+    cluster = f'[cluster]\ndata_plane = "{data_plane}"\n'
+    path.write_text(f"[resources]\n{resources}[model]\n{model_lines}{cluster}")
     return path
 
 
@@ -369,6 +372,7 @@ def hsmdif_cluster(
     usable_bytes: int | None,
     memory_limit_bytes: int | None,
     cpu_quota: float | None,
+    data_plane: str = "tls",
 ) -> Iterator[tuple[Cluster, list[BenchDaemon]]]:
     """`hosts` hosts, one hsmdifd each (one thread, `usable_bytes` declared), agreeing."""
     secret = None
@@ -383,7 +387,9 @@ def hsmdif_cluster(
         try:
             for h in cluster.hosts:  # one at a time: each measures its speed at start
                 name = f"h{h.index}"
-                config = write_daemon_config(base / f"{name}.toml", model, usable_mb=usable_mb)
+                config = write_daemon_config(
+                    base / f"{name}.toml", model, usable_mb=usable_mb, data_plane=data_plane
+                )
                 daemons.append(start_daemon(h, base, name, config, secret))
             if hosts > 1:
                 wait_until(lambda: agree(list(daemons)), 60, "agreement")

@@ -7,20 +7,28 @@ room beside it for the by-hand rpc-worker. The by-hand run uses the very split t
 daemon loaded (n_gpu_layers, tensor_split, registration order) with fresh
 rpc-workers on the same hosts and a client in the root's host. Generations
 alternate between the two; the figures are medians, the ratio the median of the
-ratios of back-to-back pairs. Per decoded token (a generation of 96 tokens less one
-of 1): bytes on the wire from the root host's veth counters (every RPC byte passes
-through the root), and the CPU time of the root's processes (daemon and engine, or
-the by-hand client) and of hsmdifctl. Prints a table and merges `distributed` into
-bench/results.json.
+ratios of back-to-back pairs. Per decoded token (a generation of 96 tokens, 48 in
+the quick run, less one of 1): bytes on the wire from the root host's veth
+counters (every RPC byte passes through the root), the CPU time of the root's
+processes (daemon and engine, or the by-hand client) and of hsmdifctl, and that of
+the relays' copy threads (found by their names in /proc: the root daemon's, and
+the workers' together). The same costs with `data_plane = "plain"` come from a
+second cluster of the same hosts, without the by-hand run (not in the quick run,
+which must fit its time budget on a busy machine, unless --plain). Prints a table,
+what separates each ratio from 0.97, and merges `distributed` into bench/results.json.
 
-    sudo python -m bench.distributed [--reps N] [--tokens N] [--quick]
+    sudo python -m bench.distributed [--reps N] [--tokens N] [--quick [--plain]]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from bench.common import (
     MIB,
@@ -43,10 +51,66 @@ from bench.common import (
     usable_for,
 )
 from hsmdifd.placement.gguf_model import read_model_shape
+from tests.conftest import Daemon
 
 MODEL = Synthetic(n_layer=10, n_embd=1024, n_ff=2816)
 CPU_QUOTA = 1.0
 COST_TOKENS = 96  # tokens of the generations that measure bytes and CPU per token
+QUICK_COST_TOKENS = 48  # in the quick run
+
+
+ENGINE = "hsmdifd.engine.child"  # in the engine child's command line
+RELAY_THREAD = "relay "  # how the relays' copy threads are named (hsmdifd.engine.relay.splice)
+
+
+def relay_cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU time so far of the relays' copy threads in these processes and their children.
+
+    From schedstat (nanoseconds; utime and stime are counted in 10 ms ticks).
+    """
+    total = 0
+    for pid in pids:
+        try:
+            procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for proc in procs:
+            for task in Path(f"/proc/{proc.pid}/task").glob("*"):
+                try:
+                    if (task / "comm").read_text().startswith(RELAY_THREAD):
+                        total += int((task / "schedstat").read_text().split()[0])
+                except (OSError, ValueError, IndexError):
+                    continue  # a thread that ended meanwhile
+    return total / 1e9
+
+
+def engine_cpu_seconds(pid: int) -> float:
+    """CPU time so far of the engine child among the descendants of `pid`."""
+    total = 0.0
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for proc in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if ENGINE in " ".join(proc.cmdline()):
+                    times = proc.cpu_times()
+                    total += times.user + times.system
+    return total
+
+
+def cost_meters(root: Daemon, daemons: Sequence[Daemon]) -> dict[str, Callable[[], float]]:
+    """What `per_token` counts of an hsmdif generation: wire bytes, CPU of the root and
+    of the relays."""
+    host = root.host
+    assert root.proc is not None and host is not None
+    daemon = root.proc.pid
+    workers = [d.proc.pid for d in daemons if d is not root and d.proc is not None]
+    return {
+        "wire_bytes_per_token": lambda: float(link_bytes(host)),
+        "root_cpu_ms_per_token": lambda: cpu_seconds(daemon) * 1000,
+        "hsmdifctl_cpu_ms_per_token": lambda: children_cpu_seconds() * 1000,
+        "root_engine_cpu_ms_per_token": lambda: engine_cpu_seconds(daemon) * 1000,
+        "root_relay_cpu_ms_per_token": lambda: relay_cpu_seconds([daemon]) * 1000,
+        "worker_relay_cpu_ms_per_token": lambda: relay_cpu_seconds(workers) * 1000,
+    }
 
 
 def summarise(runs: list[Timing]) -> tuple[float, float]:
@@ -59,7 +123,16 @@ def rounded(costs: dict[str, float], prefix: str = "") -> dict[str, float]:
     return {prefix + k: round(v) if "bytes" in k else round(v, 2) for k, v in costs.items()}
 
 
-def measure(hosts: int, model: Path, reps: int, tokens: int, hand: bool) -> dict[str, Any]:
+def measure(
+    hosts: int,
+    model: Path,
+    reps: int,
+    tokens: int,
+    hand: bool,
+    *,
+    data_plane: str = "tls",
+    cost_tokens: int = COST_TOKENS,
+) -> dict[str, Any]:
     """hsmdif on `hosts` hosts (and, with `hand`, llama.cpp RPC by hand beside it)."""
     shape = read_model_shape(model)
     usable = usable_for(shape, N_CTX, hosts) if hosts > 1 else None
@@ -74,6 +147,7 @@ def measure(hosts: int, model: Path, reps: int, tokens: int, hand: bool) -> dict
             usable_bytes=usable,
             memory_limit_bytes=limit,
             cpu_quota=CPU_QUOTA,
+            data_plane=data_plane,
         ) as (cluster, daemons),
     ):
         root = root_of(daemons)
@@ -99,17 +173,13 @@ def measure(hosts: int, model: Path, reps: int, tokens: int, hand: bool) -> dict
         ours: list[Timing] = []
         theirs: list[Timing] = []
         hsmdif_prompt(root, 8)  # warm up
-        assert root.proc is not None
-        daemon = root.proc.pid
-        costs = {
-            "wire_bytes_per_token": lambda: float(link_bytes(order[0])),
-            "root_cpu_ms_per_token": lambda: cpu_seconds(daemon) * 1000,
-            "hsmdifctl_cpu_ms_per_token": lambda: children_cpu_seconds() * 1000,
-        }
+        costs = cost_meters(root, daemons)
         if not hand:
             ours = [hsmdif_prompt(root, tokens) for _ in range(reps)]
-            measured = per_token(lambda n: hsmdif_prompt(root, n), COST_TOKENS, costs)
+            measured = per_token(lambda n: hsmdif_prompt(root, n), cost_tokens, costs)
             result.update(rounded(measured))
+            if not ours:  # the costs alone
+                return result
         else:
             with HandRpc(order[0], order[1:], model, plan["n_ctx"]) as by_hand:
                 by_hand.load(plan["n_gpu_layers"], plan["tensor_split"])
@@ -120,12 +190,12 @@ def measure(hosts: int, model: Path, reps: int, tokens: int, hand: bool) -> dict
                     ours.append(hsmdif_prompt(root, tokens))
                     if not i % 2:
                         theirs.append(by_hand.generate(tokens))
-                measured = per_token(lambda n: hsmdif_prompt(root, n), COST_TOKENS, costs)
+                measured = per_token(lambda n: hsmdif_prompt(root, n), cost_tokens, costs)
                 result.update(rounded(measured))
                 client = by_hand.client_pid
                 measured = per_token(
                     by_hand.generate,
-                    COST_TOKENS,
+                    cost_tokens,
                     {
                         "wire_bytes_per_token": lambda: float(link_bytes(order[0])),
                         "root_cpu_ms_per_token": lambda: cpu_seconds(client) * 1000,
@@ -156,27 +226,79 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="5 repetitions of 32 tokens")
+    parser.add_argument(
+        "--plain", action="store_true", help='the data_plane = "plain" costs in a quick run too'
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file to update")
     args = parser.parse_args()
     if args.quick:
         args.reps, args.tokens = 5, 32
     model = MODEL.path()
-    by_hosts = {str(n): measure(n, model, args.reps, args.tokens, hand=True) for n in (2, 3)}
-    header = f"{'hosts':<6}{'layers':<22}{'output':<8}{'llama.cpp RPC':>14}{'hsmdif':>9}"
-    print(header + f"{'ratio':>8}{'TTFT +ms':>10}{'B/token':>9}")
-    for n, r in by_hosts.items():
-        layers = " ".join(f"{k}:{v}" for k, v in r["layers"].items())
-        print(
-            f"{n:<6}{layers:<22}{r['output_layer']:<8}{r['llama_rpc_tokens_per_s']:>14.2f}"
-            f"{r['hsmdif_tokens_per_s']:>9.2f}{r['decode_ratio']:>8.3f}"
-            f"{r['ttft_overhead_ms']:>+10.1f}{r['wire_bytes_per_token']:>9}"
-        )
+    cost = QUICK_COST_TOKENS if args.quick else COST_TOKENS
+    by_hosts = {
+        str(n): measure(n, model, args.reps, args.tokens, hand=True, cost_tokens=cost)
+        for n in (2, 3)
+    }
+    for n in (2, 3) if args.plain or not args.quick else ():
+        plain = measure(n, model, 0, args.tokens, False, data_plane="plain", cost_tokens=cost)
+        by_hosts[str(n)]["plain"] = {k: v for k, v in plain.items() if k.endswith("_per_token")}
+    print_table(by_hosts)
+    print_gap(by_hosts)
     result = {
         "decode_ratio": min(r["decode_ratio"] for r in by_hosts.values()),
         "by_hosts": by_hosts,
         **run_facts(model, args.tokens, args.reps),
     }
     merge_results(args.results, "distributed", result)
+
+
+def print_table(by_hosts: dict[str, dict[str, Any]]) -> None:
+    """Speeds, then bytes and CPU per token, side by side for each number of hosts."""
+    header = f"{'hosts':<6}{'layers':<22}{'output':<8}{'llama.cpp RPC':>14}{'hsmdif':>9}"
+    print(header + f"{'ratio':>8}{'TTFT +ms':>10}")
+    for n, r in by_hosts.items():
+        layers = " ".join(f"{k}:{v}" for k, v in r["layers"].items())
+        print(
+            f"{n:<6}{layers:<22}{r['output_layer']:<8}{r['llama_rpc_tokens_per_s']:>14.2f}"
+            f"{r['hsmdif_tokens_per_s']:>9.2f}{r['decode_ratio']:>8.3f}"
+            f"{r['ttft_overhead_ms']:>+10.1f}"
+        )
+    print(
+        f"\n{'per token':<10}{'B by hand':>10}{'B tls':>8}{'B plain':>8}"
+        f"{'root CPU ms by hand':>20}{'hsmdif (engine)':>16}"
+        f"{'relays ms root+workers tls':>28}{'plain':>14}"
+    )
+    for n, r in by_hosts.items():
+        plain = r.get("plain", {})
+
+        def relays(f: dict[str, Any]) -> str:
+            if "root_relay_cpu_ms_per_token" not in f:
+                return "-"
+            return (
+                f"{f['root_relay_cpu_ms_per_token']:.2f} + {f['worker_relay_cpu_ms_per_token']:.2f}"
+            )
+
+        print(
+            f"{n + ' hosts':<10}{r['llama_rpc_wire_bytes_per_token']:>10}"
+            f"{r['wire_bytes_per_token']:>8}{plain.get('wire_bytes_per_token', '-'):>8}"
+            f"{r['llama_rpc_root_cpu_ms_per_token']:>20.2f}{r['root_cpu_ms_per_token']:>8.2f}"
+            f"{'(' + format(r['root_engine_cpu_ms_per_token'], '.2f') + ')':>8}"
+            f"{relays(r):>28}{relays(plain):>14}"
+        )
+
+
+def print_gap(by_hosts: dict[str, dict[str, Any]]) -> None:
+    """What separates each ratio from 0.97, in milliseconds per token."""
+    for n, r in by_hosts.items():
+        hand, ours = 1000 / r["llama_rpc_tokens_per_s"], 1000 / r["hsmdif_tokens_per_s"]
+        relays = r["root_relay_cpu_ms_per_token"] + r["worker_relay_cpu_ms_per_token"]
+        daemon = r["root_cpu_ms_per_token"] - r["root_engine_cpu_ms_per_token"]
+        print(
+            f"{n} hosts: {hand:.2f} ms/token by hand, {ours:.2f} through hsmdif "
+            f"(0.97 allows {hand / 0.97:.2f}); CPU per token: relays {relays:.2f} ms, the "
+            f"root daemon {daemon:.2f} ms with its relays, hsmdifctl "
+            f"{r['hsmdifctl_cpu_ms_per_token']:.2f} ms"
+        )
 
 
 def run_facts(model: Path, tokens: int, reps: int) -> dict[str, Any]:

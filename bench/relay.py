@@ -7,12 +7,14 @@ the worker's daemons each do for one lease; a child process plays llama.cpp on o
 end and the rpc-worker on the other, so that the CPU this process uses is the two
 relays' (TLS both ways, and the thread per direction on each side). It pushes
 `--mb` MB through tls, plain and no relay at all, and times `--pings` round trips of
-64 bytes (a decode step is a few dozen such round trips). The figures of "direct"
-are the child's own cost, for scale. With `--decode`, it also generates `--tokens`
-tokens with bench.llama_rpc, every layer on an rpc-worker, straight to the worker and
-through the TLS relays: tokens per second of each and the relays' CPU per token
-(the model: `--model`, or a small generated llama). Prints one line per figure, and
-JSON last.
+64 bytes. The figures of "direct" are the child's own cost, for scale. With
+`--decode`, it also generates `--tokens` tokens with bench.llama_rpc, every layer on
+an rpc-worker, straight to the worker and through the TLS relays: tokens per second
+of each, the relays' CPU per token and how many reads each relay made per token each
+way (the model: `--model`, or a small generated llama). llama.cpp writes about seven
+requests per token to each worker, in one send each or two, and reads one answer: a
+token costs each relay that many wake-ups each way, and one round trip. Prints one line per
+figure, and JSON last.
 """
 
 from __future__ import annotations
@@ -224,10 +226,37 @@ class Timed:
         self.proc.wait(30)
 
 
+def _carried(relays: list[relay.Traffic]) -> dict[str, float]:
+    """Reads and bytes per direction, summed over `relays`."""
+    return {
+        "reads_out": sum(t.reads_out for t in relays),
+        "bytes_out": sum(t.bytes_out for t in relays),
+        "reads_in": sum(t.reads_in for t in relays),
+        "bytes_in": sum(t.bytes_in for t in relays),
+    }
+
+
+async def _generation(
+    timed: Timed, tokens: int, meters: dict[str, list[relay.Traffic]]
+) -> dict[str, float]:
+    """Generate `tokens`: tokens/s, this process's CPU, and what each relay carried."""
+    before = {k: _carried(t) for k, t in meters.items()}
+    cpu = _cpu()
+    reply = await asyncio.to_thread(timed.ask, f"gen {tokens}")
+    figures = {"tokens_per_s": float(reply["tokens_per_s"]), "cpu_ms": (_cpu() - cpu) * 1000}
+    for name, traffic in meters.items():
+        after = _carried(traffic)
+        figures.update({f"{name}_{k}": v - before[name][k] for k, v in after.items()})
+    return figures
+
+
 async def decode(
     model: Path, tokens: int, port: int, creds: tuple[tls.DeviceCredentials, ...]
 ) -> dict[str, dict[str, float]]:
-    """Time a decode straight to the rpc-worker on `port`, then through the relays."""
+    """Time a decode straight to the rpc-worker on `port`, then through the relays.
+
+    Per token: a generation of `tokens` less one of 1 (the prompt is the same).
+    """
     results: dict[str, dict[str, float]] = {}
     for path in ("direct", "tls"):
         token = secrets.token_bytes(relay.TOKEN_BYTES)
@@ -235,21 +264,20 @@ async def decode(
         await worker_relay.start()
         roots = await relay.open_root_relays(creds[0], [(worker_relay.endpoint, token, "worker")])
         endpoint = f"127.0.0.1:{port}" if path == "direct" else roots.local_endpoints[0]
+        meters = {"root": roots.traffic, "worker": [worker_relay.traffic]}
         timed = await asyncio.to_thread(Timed, model, endpoint)
         try:
             await asyncio.to_thread(timed.ask, "load 999 1")
             await asyncio.to_thread(timed.ask, "gen 8")  # warm
-            cpu = _cpu()
-            reply = await asyncio.to_thread(timed.ask, f"gen {tokens}")
-            cpu = _cpu() - cpu
+            one = await _generation(timed, 1, meters)
+            many = await _generation(timed, tokens, meters)
         finally:
             await asyncio.to_thread(timed.close)
             await roots.close()
             await worker_relay.close()
-        results[f"decode_{path}"] = {
-            "tokens_per_s": float(reply["tokens_per_s"]),
-            "relay_cpu_ms_per_token": cpu / int(reply["tokens"]) * 1000,
-        }
+        figures = {k: (many[k] - one[k]) / (tokens - 1) for k in many if k != "tokens_per_s"}
+        figures["relay_cpu_ms_per_token"] = figures.pop("cpu_ms")
+        results[f"decode_{path}"] = {"tokens_per_s": many["tokens_per_s"], **figures}
     return results
 
 
@@ -264,7 +292,15 @@ def run_decode(model: Path | None, tokens: int) -> dict[str, dict[str, float]]:
         )
         port = rpc.free_port("127.0.0.1")
         worker = subprocess.Popen(
-            [sys.executable, "-m", "hsmdifd.engine.rpc_worker", f"--endpoint=127.0.0.1:{port}"],
+            # One thread, as the client's: more would spin beside the relays and the
+            # client for the same cores and make every figure of the decode erratic.
+            [
+                sys.executable,
+                "-m",
+                "hsmdifd.engine.rpc_worker",
+                f"--endpoint=127.0.0.1:{port}",
+                "--threads=1",
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -297,6 +333,14 @@ def main() -> None:
             f"{path}: {figures['tokens_per_s']:7.1f} tokens/s, "
             f"{figures['relay_cpu_ms_per_token']:6.3f} ms relay CPU per token"
         )
+    if decoded:
+        f = decoded["decode_tls"]
+        for end in ("root", "worker"):
+            print(
+                f"per token, the {end} relay read {f[end + '_reads_out']:.1f} times "
+                f"({f[end + '_bytes_out']:.0f} B) towards the rpc-worker and "
+                f"{f[end + '_reads_in']:.1f} times ({f[end + '_bytes_in']:.0f} B) back"
+            )
     if decoded:
         ratio = decoded["decode_tls"]["tokens_per_s"] / decoded["decode_direct"]["tokens_per_s"]
         print(f"decode through the TLS relays / straight: {ratio:.3f}")
