@@ -50,7 +50,7 @@ STEPS: dict[str, Step] = {
     # bench.standalone's own --quick is CI's smoke run; these are its arguments here.
     "standalone": Step([], ["--reps", "5", "--tokens", "32"], False, (300, 60)),
     "control": Step(["--rounds", "10"], ["--rounds", "2"], True, (300, 60)),
-    "distributed": Step(["--reps", "15"], ["--quick"], True, (600, 100)),
+    "distributed": Step(["--reps", "15"], ["--quick"], True, (600, 150)),
     "heterogeneous": Step(["--rounds", "7", "--tokens", "48"], ["--quick"], True, (900, 180)),
     "scaling": Step(["--reps", "11", "--tokens", "64"], ["--quick"], True, (600, 90)),
     "memory": Step([], ["--quick"], True, (300, 30)),
