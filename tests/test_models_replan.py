@@ -19,7 +19,8 @@ from hsmdifd.daemon.errors import RequestError
 from hsmdifd.engine.models import Models
 from hsmdifd.engine.supervisor import Engine
 from hsmdifd.placement import planner
-from hsmdifd.placement.gguf_model import estimate_memory, read_model_shape
+from hsmdifd.placement.gguf_model import read_model_shape
+from hsmdifd.placement.memory_estimate import estimate_memory
 
 MiB = 1024 * 1024
 

@@ -17,7 +17,8 @@ from hsmdifd.api.api_key import ApiKeyError, api_key_for
 from hsmdifd.cluster.auth import SecretError, load_secret
 from hsmdifd.cluster.devices_file import load_devices_file
 from hsmdifd.daemon.config import Config, ConfigError
-from hsmdifd.placement.gguf_model import ModelFileError, read_model_shape
+from hsmdifd.placement.gguf_header import ModelFileError
+from hsmdifd.placement.gguf_model import read_model_shape
 
 
 def check_config(config: Config) -> list[str]:

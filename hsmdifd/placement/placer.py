@@ -26,14 +26,8 @@ from hsmdifd.daemon.errors import RequestError
 from hsmdifd.engine.rpc import parse_endpoint
 from hsmdifd.engine.supervisor import Engine, LoadSpec, finish
 from hsmdifd.placement import planner, quantize
-from hsmdifd.placement.gguf_model import (
-    ModelFileError,
-    ModelNotFoundError,
-    ModelShape,
-    ModelUnreadableError,
-    estimate_memory,
-    read_model_shape,
-)
+from hsmdifd.placement.gguf_header import ModelFileError, ModelNotFoundError, ModelUnreadableError
+from hsmdifd.placement.gguf_model import ModelShape, read_model_shape
 from hsmdifd.placement.lifecycle import (
     Loaded,
     Order,
@@ -42,6 +36,7 @@ from hsmdifd.placement.lifecycle import (
     load_order,
     wanted_after,
 )
+from hsmdifd.placement.memory_estimate import estimate_memory
 from hsmdifd.placement.profile import usable_cpus
 
 log = logging.getLogger(__name__)
