@@ -1,4 +1,4 @@
-"""What this device offers the cluster: memory, speed and load.
+"""What this device offers the cluster: memory, speed and load, and the figures it reports.
 
 Memory is what is available, capped by the cgroup limit where one applies (v1 or v2),
 minus the configured reserve. Speed is a short memory-bandwidth benchmark, cached in
@@ -22,16 +22,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 import psutil
 
+from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdifd.placement import rpc_protocol
+
+if TYPE_CHECKING:
+    from hsmdifd.daemon.config import Config
+    from hsmdifd.daemon.node import Identity
+
 log = logging.getLogger(__name__)
 
 PROC_CGROUP = Path("/proc/self/cgroup")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-BENCH_MATRIX_BYTES = 64 * 1024 * 1024
+MIB = 1024 * 1024
+BENCH_MATRIX_BYTES = 64 * MIB
 """Larger than the last-level cache of the devices we run on, so the benchmark reads RAM."""
 
 # cpu_percent(interval=None) compares with the previous call; the first call returns 0.0.
@@ -290,3 +299,30 @@ def cpu_load() -> float:
     The module primes psutil at import, so the first call measures from then on.
     """
     return min(1.0, max(0.0, psutil.cpu_percent(interval=None) / 100.0))
+
+
+def device_profile(
+    config: Config, identity: Identity, refresh_speed: bool = False
+) -> pb.DeviceProfile:
+    """The figures this device reports (blocking: the speed benchmark may run)."""
+    res = config.resources
+    override = res.memory_override_mb * MIB if res.memory_override_mb else None
+    memory = memory_figures(res.memory_reserve_mb * MIB, override)
+    speed = res.speed_override or cached_speed(config.state_dir, refresh=refresh_speed)
+    return pb.DeviceProfile(
+        id=identity.node_id,
+        name=identity.name,
+        address=identity.address,
+        memory_total_bytes=memory.total_bytes,
+        memory_usable_bytes=memory.usable_bytes,
+        memory_limit_bytes=memory.limit_bytes,
+        speed=speed,
+        load=cpu_load(),
+        threads=config.threads,
+        role="root",
+        state="alive",
+        declared=memory.declared or bool(res.speed_override),
+        memory_declared=memory.declared,
+        measured_at=time.time(),
+        rpc_protocol=rpc_protocol.protocol(),
+    )
