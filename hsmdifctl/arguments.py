@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from hsmdif import limits
 from hsmdif.limits import quoted, shorten
@@ -16,38 +17,48 @@ class UsageError(Exception):
     """The command line asks for something no request can carry; exit 2 with the message."""
 
 
-def whole_number(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: a whole number from `low` to `high`."""
+_N = TypeVar("_N", int, float)
 
-    def parse(text: str) -> int:
+
+def _bounded(
+    convert: Callable[[str], _N], kind: str, refusal: Callable[[_N, str], str | None]
+) -> Callable[[str], _N]:
+    """An argparse type: `text` converted to a `kind`, refused with `refusal`'s sentence."""
+
+    def parse(text: str) -> _N:
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{quoted(text)} is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low:,} (got {shorten(text)})")
-        if value > high:
-            raise argparse.ArgumentTypeError(f"must be at most {high:,} (got {shorten(text)})")
+            raise argparse.ArgumentTypeError(f"{quoted(text)} is not {kind}") from None
+        if problem := refusal(value, shorten(text)):
+            raise argparse.ArgumentTypeError(problem)
         return value
 
     return parse
+
+
+def whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high`."""
+
+    def refusal(value: int, shown: str) -> str | None:
+        if value < low:
+            return f"must be at least {low:,} (got {shown})"
+        if value > high:
+            return f"must be at most {high:,} (got {shown})"
+        return None
+
+    return _bounded(int, "a whole number", refusal)
 
 
 def finite_number(low: float, high: float) -> Callable[[str], float]:
     """An argparse type: a finite number from `low` to `high`."""
 
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{quoted(text)} is not a number") from None
+    def refusal(value: float, shown: str) -> str | None:
         if not low <= value <= high:  # NaN compares false, infinities fall outside
-            raise argparse.ArgumentTypeError(
-                f"must be a number between {low:g} and {high:g} (got {shorten(text)})"
-            )
-        return value
+            return f"must be a number between {low:g} and {high:g} (got {shown})"
+        return None
 
-    return parse
+    return _bounded(float, "a number", refusal)
 
 
 temperature = finite_number(limits.MIN_TEMPERATURE, limits.MAX_TEMPERATURE)
