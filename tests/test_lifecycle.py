@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdifd.cluster.election import Epoch
-from hsmdifd.cluster.view import Held
+from hsmdifd.cluster.root_leases import Held
 from hsmdifd.placement import planner
 from hsmdifd.placement.lifecycle import (
     BESIDE_HEADROOM,

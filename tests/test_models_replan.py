@@ -13,7 +13,8 @@ import pytest
 
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdifd.cluster.election import Epoch
-from hsmdifd.cluster.view import Cluster, Held
+from hsmdifd.cluster.root_leases import Held
+from hsmdifd.cluster.view import Cluster
 from hsmdifd.daemon.config import Config, ModelConfig, ResourcesConfig, StateConfig
 from hsmdifd.daemon.errors import RequestError
 from hsmdifd.engine.models import Models

@@ -19,7 +19,8 @@ import grpc
 
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdifd.cluster import election
-from hsmdifd.cluster.view import Cluster, Held
+from hsmdifd.cluster.root_leases import Held
+from hsmdifd.cluster.view import Cluster
 from hsmdifd.daemon.bundled import ensure_bundled_model
 from hsmdifd.daemon.config import Config
 from hsmdifd.daemon.errors import RequestError
