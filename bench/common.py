@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from hsmdifd.cluster.auth import write_secret_file
+from hsmdifd.cluster.cluster_secret import write_secret_file
 from hsmdifd.placement.gguf_model import ModelShape
 from hsmdifd.placement.memory_estimate import estimate_memory
 from hsmdifd.placement.planner import DeviceCapacity, PlanError, plan

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from hsmdifd.cluster.auth import write_secret_file
+from hsmdifd.cluster.cluster_secret import write_secret_file
 from hsmdifd.daemon import cli
 from tests.conftest import REPO, run_hsmdifd
 from tests.test_devices_file import PROTOTYPE_DEVICES_JSON

@@ -20,7 +20,9 @@ from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
 from hsmdifd.cluster import device_list, election, tls
 from hsmdifd.cluster.discovery import Discovery, Hint, encode_txt
 from hsmdifd.cluster.forwarding import Forwarded, Forwards
-from hsmdifd.cluster.membership import PROTOCOL_VERSION, Event, Membership, Seen
+from hsmdifd.cluster.membership import Membership
+from hsmdifd.cluster.peer_channel import PROTOCOL_VERSION
+from hsmdifd.cluster.peer_records import Event, Seen
 from hsmdifd.cluster.policy import (
     describe_policy,
     load_policy,

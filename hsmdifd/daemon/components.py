@@ -19,9 +19,10 @@ from hsmdifd.api.metrics import ClusterView, Metrics
 from hsmdifd.api.peer_service import PeerService
 from hsmdifd.api.routing import Router
 from hsmdifd.cluster import tls
-from hsmdifd.cluster.auth import AuthServerInterceptor, SecretError, load_secret
+from hsmdifd.cluster.cluster_secret import SecretError, load_secret
 from hsmdifd.cluster.devices_file import load_devices_file
-from hsmdifd.cluster.membership import OPEN_METHODS, server_keepalive_options
+from hsmdifd.cluster.peer_auth import AuthServerInterceptor
+from hsmdifd.cluster.peer_channel import OPEN_METHODS, server_keepalive_options
 from hsmdifd.cluster.view import Cluster
 from hsmdifd.daemon.config import Config, ConfigError, api_address
 from hsmdifd.daemon.errors import StartupError
