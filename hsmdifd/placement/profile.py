@@ -60,6 +60,15 @@ class MemoryFigures:
     limit_bytes: int  # the cgroup limit; 0 when none applies
     declared: bool  # True when usable_bytes is the configured override
 
+    def as_profile(self) -> pb.DeviceProfile:
+        """These figures in the fields of a device's profile."""
+        return pb.DeviceProfile(
+            memory_total_bytes=self.total_bytes,
+            memory_usable_bytes=self.usable_bytes,
+            memory_limit_bytes=self.limit_bytes,
+            memory_declared=self.declared,
+        )
+
 
 def _read(path: Path) -> str:
     try:
@@ -308,21 +317,11 @@ def device_profile(
     res = config.resources
     override = res.memory_override_mb * MIB if res.memory_override_mb else None
     memory = memory_figures(res.memory_reserve_mb * MIB, override)
-    speed = res.speed_override or cached_speed(config.state_dir, refresh=refresh_speed)
-    return pb.DeviceProfile(
-        id=identity.node_id,
-        name=identity.name,
-        address=identity.address,
-        memory_total_bytes=memory.total_bytes,
-        memory_usable_bytes=memory.usable_bytes,
-        memory_limit_bytes=memory.limit_bytes,
-        speed=speed,
-        load=cpu_load(),
-        threads=config.threads,
-        role="root",
-        state="alive",
-        declared=memory.declared or bool(res.speed_override),
-        memory_declared=memory.declared,
-        measured_at=time.time(),
-        rpc_protocol=rpc_protocol.protocol(),
-    )
+    device = pb.DeviceProfile(id=identity.node_id, name=identity.name, address=identity.address)
+    device.MergeFrom(memory.as_profile())
+    device.speed = res.speed_override or cached_speed(config.state_dir, refresh=refresh_speed)
+    device.load, device.threads = cpu_load(), config.threads
+    device.role, device.state = "root", "alive"
+    device.declared = memory.declared or bool(res.speed_override)
+    device.measured_at, device.rpc_protocol = time.time(), rpc_protocol.protocol()
+    return device
