@@ -26,7 +26,6 @@ from hsmdifd.daemon.errors import RequestError
 from hsmdifd.engine.rpc import parse_endpoint
 from hsmdifd.engine.supervisor import Engine, LoadSpec, finish
 from hsmdifd.placement import fitting, model_files, planner
-from hsmdifd.placement.gguf_header import ModelFileError, ModelNotFoundError
 from hsmdifd.placement.gguf_model import ModelShape
 from hsmdifd.placement.lifecycle import (
     Loaded,
@@ -41,46 +40,27 @@ log = logging.getLogger(__name__)
 
 
 def plan_to_pb(plan: planner.Plan, model: str, endpoints: tuple[str, ...] = ()) -> pb.PlanReply:
+    reply = pb.PlanReply(model=model, standalone=plan.standalone, n_ctx=plan.n_ctx)
+    reply.strategy, reply.model_bytes = plan.strategy.value, plan.model_bytes
+    reply.n_gpu_layers = plan.n_gpu_layers
+    reply.tensor_split.extend(plan.tensor_split)
+    reply.predicted_tokens_per_s = plan.predicted_tokens_per_s
     total = plan.predicted_seconds_per_token or 1.0
-    reply = pb.PlanReply(
-        standalone=plan.standalone,
-        model_bytes=plan.model_bytes,
-        predicted_tokens_per_s=plan.predicted_tokens_per_s,
-        strategy=plan.strategy.value,
-        n_ctx=plan.n_ctx,
-        n_gpu_layers=plan.n_gpu_layers,
-        tensor_split=plan.tensor_split,
-        model=model,
-    )
     remote = iter(endpoints)
     for i, share in enumerate(plan.shares):
-        d = share.device
-        reply.devices.append(
-            pb.PlanShare(
-                name=d.name,
-                address=d.address,
-                node_id=d.node_id,
-                first_layer=share.first_layer,
-                layers=share.n_layers,
-                holds_output=share.holds_output,
-                bytes=share.bytes,
-                capacity_bytes=d.usable_bytes,
-                predicted_share=share.predicted_seconds_per_token / total,
-                speed=d.speed,
-                endpoint=next(remote, "") if i else "",
-            )
-        )
+        reply.devices.append(_share_pb(share, total, next(remote, "") if i else ""))
     return reply
 
 
-def _strategy(name: str, default: str) -> planner.Strategy:
-    try:
-        return planner.Strategy(name or default)
-    except ValueError:
-        raise RequestError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"unknown strategy {name!r}: use capacity or latency",
-        ) from None
+def _share_pb(share: planner.DeviceShare, total: float, endpoint: str) -> pb.PlanShare:
+    """One device's share of a plan; `total` the plan's seconds per token."""
+    d = share.device
+    row = pb.PlanShare(name=d.name, address=d.address, node_id=d.node_id, speed=d.speed)
+    row.capacity_bytes, row.endpoint = d.usable_bytes, endpoint
+    row.first_layer, row.layers = share.first_layer, share.n_layers
+    row.holds_output, row.bytes = share.holds_output, share.bytes
+    row.predicted_share = share.predicted_seconds_per_token / total
+    return row
 
 
 class Placer:
@@ -338,13 +318,6 @@ class Placer:
         if loaded is not None:
             await self._cluster.release_leases(list(loaded.leases))
         return was_loaded
-
-
-def _model_file_refused(error: ModelFileError) -> RequestError:
-    code = grpc.StatusCode.NOT_FOUND
-    if not isinstance(error, ModelNotFoundError):
-        code = grpc.StatusCode.FAILED_PRECONDITION
-    return RequestError(code, str(error))
 
 
 async def name_lost_worker(
