@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hsmdifd.placement import gguf_cursor, gguf_header
+from hsmdifd.daemon import timing
+from hsmdifd.placement import gguf_cursor
 from hsmdifd.placement.gguf_header import ModelDamagedError, ModelFileError, ModelUnsupportedError
 from hsmdifd.placement.gguf_model import read_model_shape
 from tests.gguf_layout import Layout, put, read_layout
@@ -299,7 +300,7 @@ def test_a_header_over_the_byte_budget_is_refused(
 def test_a_header_over_the_time_budget_is_refused(
     tiny: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gguf_header, "HEADER_SECONDS", -1.0)
+    monkeypatch.setattr(timing, "HEADER_SECONDS", -1.0)
     path = tmp_path / "model.gguf"
     path.write_bytes(tiny)
 

@@ -19,6 +19,7 @@ from hsmdifd.cluster.peer_channel import (
     Link,
     refused_certificate,
 )
+from hsmdifd.daemon import timing
 
 if TYPE_CHECKING:
     from hsmdifd.cluster.membership import Membership
@@ -93,7 +94,7 @@ async def heartbeat(m: Membership, address: str, link: Link) -> None:
             left = float("inf")
         if link.proven is None and not await hello(m, address, link):
             if record.hinted:  # an address nobody listed: ask less and less often
-                backoff = min(backoff * 2, 8.0)
+                backoff = min(backoff * 2, timing.HELLO_BACKOFF_MAX)
             pause = min(backoff - (loop.time() - started), left)
             await asyncio.sleep(max(0.0, pause))
             continue

@@ -45,6 +45,7 @@ from hsmdifd.cluster.peer_records import (
     election_members,
     peer_state,
 )
+from hsmdifd.daemon import timing
 from hsmdifd.daemon.logs import LogLimiter
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,8 @@ class Membership:
         dead_after: float,
         credentials: grpc.ChannelCredentials | None = None,
         channel_extra: Sequence[tuple[str, Any]] = (),
-        unproven_timeout: float = 30.0,
-        hint_interval: float = 1.0,
+        unproven_timeout: float = timing.UNPROVEN_TIMEOUT,
+        hint_interval: float = timing.HINT_INTERVAL,
     ) -> None:
         self.node_id = node_id
         self.secret = secret

@@ -12,6 +12,7 @@ import grpc
 
 from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
 from hsmdifd.cluster import peer_auth
+from hsmdifd.daemon import timing
 
 PROTOCOL_VERSION = 2
 HELLO_METHOD = "/hsmdif.v1.Peer/Hello"
@@ -33,12 +34,13 @@ def channel_options(interval: float) -> list[tuple[str, int | str]]:
     """Peer channel options: reconnect within a heartbeat, and find out within a couple of
     seconds that a connection died (a cut cable leaves TCP retransmitting for minutes)."""
     interval_ms = int(interval * 1000)
+    keepalive_floor = int(timing.KEEPALIVE_FLOOR * 1000)
     return [
         ("grpc.initial_reconnect_backoff_ms", interval_ms),
         ("grpc.min_reconnect_backoff_ms", interval_ms),
         ("grpc.max_reconnect_backoff_ms", interval_ms),
-        ("grpc.keepalive_time_ms", max(1000, 2 * interval_ms)),
-        ("grpc.keepalive_timeout_ms", max(1000, 2 * interval_ms)),
+        ("grpc.keepalive_time_ms", max(keepalive_floor, 2 * interval_ms)),
+        ("grpc.keepalive_timeout_ms", max(keepalive_floor, 2 * interval_ms)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]
@@ -48,11 +50,15 @@ def server_keepalive_options(interval: float) -> list[tuple[str, int | str]]:
     """What the peer server accepts of the channels above (a server refuses pings more
     frequent than it allows, closing the connection), and its own pings."""
     interval_ms = int(interval * 1000)
+    keepalive_floor = int(timing.KEEPALIVE_FLOOR * 1000)
     return [
-        ("grpc.keepalive_time_ms", max(1000, 2 * interval_ms)),
-        ("grpc.keepalive_timeout_ms", max(1000, 2 * interval_ms)),
+        ("grpc.keepalive_time_ms", max(keepalive_floor, 2 * interval_ms)),
+        ("grpc.keepalive_timeout_ms", max(keepalive_floor, 2 * interval_ms)),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", max(500, interval_ms)),
+        (
+            "grpc.http2.min_recv_ping_interval_without_data_ms",
+            max(int(timing.PING_FLOOR * 1000), interval_ms),
+        ),
         ("grpc.http2.max_ping_strikes", 0),
     ]
 

@@ -19,6 +19,7 @@ from typing import NamedTuple, TypeVar
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from hsmdif.limits import shorten
+from hsmdifd.daemon import timing
 from hsmdifd.placement import gguf_cursor
 from hsmdifd.placement.gguf_cursor import (
     MAX_STRING,
@@ -35,9 +36,6 @@ from hsmdifd.placement.gguf_cursor import (
     key_name,
 )
 
-# Seconds a header may take to read, checked between entries: a file on a stalled or
-# very slow disk is refused rather than holding the model lock.
-HEADER_SECONDS = 5.0
 # Counts beyond any real model (the largest have a few thousand tensors and a hundred
 # keys); each bounds the time spent on one header.
 MAX_TENSORS = 1 << 16
@@ -129,7 +127,7 @@ def read_header(p: Path, then: Callable[[Path, str, int, Header, mmap.mmap], _R]
                     "magic); give the path to a .gguf model file"
                 )
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                header = parse(buf, time.monotonic() + HEADER_SECONDS)
+                header = parse(buf, time.monotonic() + timing.HEADER_SECONDS)
                 return then(p, shown, len(buf), header, buf)
     except PermissionError:
         raise ModelUnreadableError(
@@ -152,8 +150,8 @@ def read_header(p: Path, then: Callable[[Path, str, int, Header, mmap.mmap], _R]
         ) from None
     except TooSlow:
         raise ModelDamagedError(
-            f"reading the header of {shown} took more than {HEADER_SECONDS:g} s; the file is "
-            "damaged, or on a disk too slow to load a model from"
+            f"reading the header of {shown} took more than {timing.HEADER_SECONDS:g} s; the "
+            "file is damaged, or on a disk too slow to load a model from"
         ) from None
     except BadText as e:
         raise ModelUnsupportedError(

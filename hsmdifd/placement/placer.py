@@ -21,6 +21,7 @@ from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdifd.cluster import election
 from hsmdifd.cluster.root_leases import Held
 from hsmdifd.cluster.view import Cluster
+from hsmdifd.daemon import timing
 from hsmdifd.daemon.config import Config
 from hsmdifd.daemon.errors import RequestError
 from hsmdifd.engine.rpc import parse_endpoint
@@ -339,7 +340,9 @@ async def name_lost_worker(
 async def _reachable(endpoint: str) -> bool:
     host, port = parse_endpoint(endpoint)
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 0.5)
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port), timing.RPC_PROBE_TIMEOUT
+        )
     except (OSError, TimeoutError):
         return False
     writer.close()

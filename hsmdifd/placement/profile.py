@@ -29,6 +29,7 @@ import numpy.typing as npt
 import psutil
 
 from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdifd.daemon import timing
 from hsmdifd.placement import rpc_protocol
 
 if TYPE_CHECKING:
@@ -241,7 +242,7 @@ def hardware_fingerprint(proc_cgroup: Path = PROC_CGROUP, cgroup_root: Path = CG
     return hashlib.sha256("\n".join(facts).encode()).hexdigest()[:16]
 
 
-def measure_speed(threads: int = 1, seconds: float = 0.3) -> float:
+def measure_speed(threads: int = 1, seconds: float = timing.SPEED_BENCHMARK) -> float:
     """GB/s of float32 matrix-vector products on a 64 MiB matrix; higher is faster.
 
     llama.cpp decode is memory-bound matrix-vector work, so this tracks its speed.
