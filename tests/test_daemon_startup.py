@@ -93,35 +93,29 @@ async def _assert_nothing_left(daemon: Daemon, config: Config, peer_port: int) -
     assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
 
 
-def test_a_startup_that_fails_at_its_last_step_closes_what_the_others_opened(
-    short_dir: Path,
+@pytest.mark.parametrize(
+    ("taken", "refusal"),
+    [
+        # The last step: the control socket, the peer port and mDNS are open by then.
+        ("http", "cannot serve the HTTP API on {HOST}:{port}"),
+        # Before the control socket: the cluster is made, the leases and the engine too.
+        ("peer", "cannot listen for peers on {HOST}:{port}"),
+    ],
+)
+def test_a_startup_that_fails_closes_what_the_steps_before_opened(
+    short_dir: Path, taken: str, refusal: str
 ) -> None:
-    peer_port, http_port = _free_port(), _free_port()
-    config = _config(short_dir, peer_port, http_port)
+    ports = {"peer": _free_port(), "http": _free_port()}
+    config = _config(short_dir, ports["peer"], ports["http"])
 
     async def main() -> None:
         daemon = Daemon(config, None, {})
-        with _listening(http_port), pytest.raises(StartupError) as info:
+        with _listening(ports[taken]), pytest.raises(StartupError) as info:
             await daemon.startup()
-        assert f"cannot serve the HTTP API on {HOST}:{http_port}" in str(info.value)
-        await _assert_nothing_left(daemon, config, peer_port)
-
-    asyncio.run(main())
-
-
-def test_a_startup_that_fails_on_the_peer_port_leaves_no_control_socket(
-    short_dir: Path,
-) -> None:
-    peer_port, http_port = _free_port(), _free_port()
-    config = _config(short_dir, peer_port, http_port)
-
-    async def main() -> None:
-        daemon = Daemon(config, None, {})
-        with _listening(peer_port), pytest.raises(StartupError) as info:
-            await daemon.startup()
-        assert f"cannot listen for peers on {HOST}:{peer_port}" in str(info.value)
-        assert _port_free(http_port)
-        await _assert_nothing_left(daemon, config, peer_port)
+        assert refusal.format(HOST=HOST, port=ports[taken]) in str(info.value)
+        for name, port in ports.items():
+            assert name == taken or _port_free(port), f"the {name} port is still held"
+        await _assert_nothing_left(daemon, config, ports["peer"])
 
     asyncio.run(main())
 

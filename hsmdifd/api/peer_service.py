@@ -32,11 +32,8 @@ class PeerService(pb_grpc.PeerServicer):
     def __init__(
         self, cluster: Cluster, models: Models, leases: Leases, secret: bytes, router: Router
     ) -> None:
-        self._secret = secret
-        self._cluster = cluster
-        self._models = models
-        self._leases = leases
-        self._router = router
+        self._cluster, self._models, self._leases = cluster, models, leases
+        self._secret, self._router = secret, router
 
     async def Hello(self, request: pb.HelloRequest, context: Context) -> pb.HelloReply:
         """Prove this device holds the secret, before the caller sends any proof."""

@@ -34,7 +34,7 @@ from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
 from hsmdifd.cluster.clocks import StallFreeClock, TokenBucket
 from hsmdifd.cluster.election import Member, MemberState
 from hsmdifd.cluster.heartbeat import confirm_gone, heartbeat
-from hsmdifd.cluster.peer_channel import PROTOCOL_VERSION, Link, open_link
+from hsmdifd.cluster.peer_channel import PROTOCOL_VERSION, Link, LinkSettings
 from hsmdifd.cluster.peer_records import (
     DuplicateId,
     Event,
@@ -71,15 +71,13 @@ class Membership:
         unproven_timeout: float = timing.UNPROVEN_TIMEOUT,
         hint_interval: float = timing.HINT_INTERVAL,
     ) -> None:
-        self.node_id = node_id
-        self.secret = secret
-        self.local_status = local_status
-        self._on_event = on_event
-        self._credentials = credentials
-        self._channel_extra = list(channel_extra)
-        self.interval = heartbeat_interval
-        self.dead_after = dead_after
+        self.node_id, self.secret, self.local_status = node_id, secret, local_status
+        self.interval, self.dead_after = heartbeat_interval, dead_after
         self.unproven_timeout = unproven_timeout
+        self._on_event = on_event
+        self._links = LinkSettings(
+            secret, node_id, heartbeat_interval, credentials, tuple(channel_extra)
+        )
         self._hints = TokenBucket(HINT_BURST, hint_interval)
         self.peers: dict[str, PeerRecord] = {}  # by address
         self.links: dict[str, Link] = {}
@@ -155,15 +153,7 @@ class Membership:
         if self._ticker is None:
             self._ticker = asyncio.get_running_loop().create_task(self._tick())
         if address not in self.links:
-            link = open_link(
-                address,
-                secret=self.secret,
-                node_id=self.node_id,
-                interval=self.interval,
-                credentials=self._credentials,
-                extra=self._channel_extra,
-                proven=lambda: self._proven(address),
-            )
+            link = self._links.open(address, lambda: self._proven(address))
             link.task = asyncio.get_running_loop().create_task(heartbeat(self, address, link))
             self.links[address] = link
 

@@ -4,7 +4,7 @@ what its failures mean."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,27 +63,30 @@ def server_keepalive_options(interval: float) -> list[tuple[str, int | str]]:
     ]
 
 
-def open_link(
-    address: str,
-    *,
-    secret: bytes,
-    node_id: str,
-    interval: float,
-    credentials: grpc.ChannelCredentials | None,
-    extra: Sequence[tuple[str, Any]],
-    proven: Callable[[], str | None],
-) -> Link:
-    """A channel to `address` whose calls carry proofs bound to the node id that
-    `proven` says answered this device's challenge."""
-    options = channel_options(interval) + list(extra)
-    interceptors = peer_auth.client_interceptors(secret, node_id, proven, open_methods=OPEN_METHODS)
-    if credentials is not None:
-        channel = grpc.aio.secure_channel(
-            address, credentials, options=options, interceptors=interceptors
+@dataclass(frozen=True)
+class LinkSettings:
+    """What every channel to a peer address is made with."""
+
+    secret: bytes
+    node_id: str
+    interval: float  # the heartbeat interval
+    credentials: grpc.ChannelCredentials | None
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    def open(self, address: str, proven: Callable[[], str | None]) -> Link:
+        """A channel to `address` whose calls carry proofs bound to the node id that
+        `proven` says answered this device's challenge."""
+        options = channel_options(self.interval) + list(self.extra)
+        interceptors = peer_auth.client_interceptors(
+            self.secret, self.node_id, proven, open_methods=OPEN_METHODS
         )
-    else:
-        channel = grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
-    return Link(channel=channel, stub=pb_grpc.PeerStub(channel))
+        if self.credentials is not None:
+            channel = grpc.aio.secure_channel(
+                address, self.credentials, options=options, interceptors=interceptors
+            )
+        else:
+            channel = grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+        return Link(channel=channel, stub=pb_grpc.PeerStub(channel))
 
 
 def refused_certificate(error: grpc.aio.AioRpcError) -> bool:
