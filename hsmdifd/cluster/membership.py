@@ -32,7 +32,7 @@ import grpc
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
 from hsmdifd.cluster.clocks import StallFreeClock, TokenBucket
-from hsmdifd.cluster.election import Member, MemberState
+from hsmdifd.cluster.election import Member, MemberState, RootClaim
 from hsmdifd.cluster.heartbeat import confirm_gone, heartbeat
 from hsmdifd.cluster.peer_channel import PROTOCOL_VERSION, Link, LinkSettings
 from hsmdifd.cluster.peer_records import (
@@ -105,6 +105,15 @@ class Membership:
         """Peers with a known identity, as the election sees them."""
         now = self.now()
         return election_members(self.peers.values(), lambda r: self.state_of(r, now))
+
+    def root_claims(self) -> dict[str, RootClaim]:
+        """Whom each live peer names as root, and whether it is generating."""
+        claims = {}
+        for m in self.members():
+            status = self.status_of(m.node_id)
+            if status is not None and m.live:
+                claims[m.node_id] = RootClaim(status.epoch.root_id, status.generating)
+        return claims
 
     def status_of(self, node_id: str) -> pb.PeerStatus | None:
         for r in self.peers.values():

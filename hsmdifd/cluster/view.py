@@ -117,15 +117,6 @@ class Cluster:
         if self.membership is not None:
             await self.membership.close()
 
-    def on_hint(self, hint: Hint) -> None:
-        # A hint with our own id from another address is followed too: it may be
-        # a copy of this device's state directory, which must be found out.
-        if hint.address == self.identity.address or self.membership is None:
-            return
-        if hint.protocol_version != PROTOCOL_VERSION:
-            log.debug("%s speaks protocol %d", hint.address, hint.protocol_version)
-        self.membership.add_hint(hint.address)
-
     # ---- this device ---------------------------------------------------------------
 
     def set_device(self, device: pb.DeviceProfile) -> None:
@@ -182,12 +173,7 @@ class Cluster:
 
     def view(self) -> election.View:
         """What this device knows of the cluster, for deciding whom to follow."""
-        claims = {}
-        if self.membership is not None:
-            for m in self.membership.members():
-                status = self.membership.status_of(m.node_id)
-                if status is not None and m.live:
-                    claims[m.node_id] = election.RootClaim(status.epoch.root_id, status.generating)
+        claims = self.membership.root_claims() if self.membership is not None else {}
         return election.View(
             me=self.identity.node_id,
             members=tuple(self.members()),
@@ -364,14 +350,25 @@ def _discovery(identity: Identity, ttl: int, cluster: Cluster) -> Discovery:
             policy=cluster.policy.version,
         )
 
-    assert cluster.membership is not None
+    membership = cluster.membership
+    assert membership is not None
+
+    def on_hint(hint: Hint) -> None:
+        # A hint with our own id from another address is followed too: it may be
+        # a copy of this device's state directory, which must be found out.
+        if hint.address == identity.address:
+            return
+        if hint.protocol_version != PROTOCOL_VERSION:
+            log.debug("%s speaks protocol %d", hint.address, hint.protocol_version)
+        membership.add_hint(hint.address)
+
     return Discovery(
         instance=f"{identity.name}-{identity.node_id[:8]}",
         host=host,
         port=int(port),
         txt=txt,
-        on_hint=cluster.on_hint,
-        on_goodbye=cluster.membership.goodbye,
+        on_hint=on_hint,
+        on_goodbye=membership.goodbye,
         ttl=ttl,
     )
 
