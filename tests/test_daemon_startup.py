@@ -141,3 +141,17 @@ def test_a_daemon_that_started_is_announced_and_serving_until_shutdown(
         await _assert_nothing_left(daemon, config, peer_port)
 
     asyncio.run(main())
+
+
+def test_a_daemon_whose_startup_failed_shuts_down_as_serve_does(short_dir: Path) -> None:
+    peer_port, http_port = _free_port(), _free_port()
+    config = _config(short_dir, peer_port, http_port)
+
+    async def main() -> None:
+        daemon = Daemon(config, None, {})
+        with _listening(http_port), pytest.raises(StartupError):
+            await daemon.startup()
+        await daemon.shutdown()  # what serve() does after a StartupError: nothing left to do
+        await _assert_nothing_left(daemon, config, peer_port)
+
+    asyncio.run(main())

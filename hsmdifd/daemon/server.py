@@ -75,6 +75,7 @@ class Daemon:
         try:
             await self._open(self._stack)
         except BaseException:
+            self._servers.clear()  # stopped with the stack
             await self._stack.aclose()
             raise
 
