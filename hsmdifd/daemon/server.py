@@ -126,7 +126,7 @@ class Daemon:
         if http is not None:
             self._servers.append(http)
             log.info("OpenAI-compatible HTTP API on http://%s/v1", config.api.listen)
-        self._handle_signals(stack)
+        self._handle_signals()
         interval = notify.watchdog_interval()
         if interval:
             tasks.spawn(notify.watchdog_loop(interval))
@@ -143,13 +143,13 @@ class Daemon:
         )
         notify.notify("READY=1")
 
-    def _handle_signals(self, stack: contextlib.AsyncExitStack) -> None:
+    def _handle_signals(self) -> None:
+        """Until the loop closes: a stop signal asked for during shutdown too makes it
+        immediate, rather than killing the process."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.handle_exit)
-            stack.callback(loop.remove_signal_handler, sig)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
-        stack.callback(loop.remove_signal_handler, signal.SIGHUP)
 
     def handle_exit(self) -> None:
         if self._stop.is_set():
