@@ -24,8 +24,9 @@ from typing import Any
 
 import psutil
 
-from hsmdifd.cluster.auth import write_secret_file
-from hsmdifd.placement.gguf_model import ModelShape, estimate_memory
+from hsmdifd.cluster.cluster_secret import write_secret_file
+from hsmdifd.placement.gguf_model import ModelShape
+from hsmdifd.placement.memory_estimate import estimate_memory
 from hsmdifd.placement.planner import DeviceCapacity, PlanError, plan
 from tests.conftest import REPO, Daemon, NotifySocket, free_port_in
 from tests.netns import Cluster, Host

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import PREFIX
-from hsmdifd.cluster.auth import write_secret_file
+from hsmdifd.cluster.cluster_secret import write_secret_file
 from tests.conftest import Daemon, write_config
 from tests.netns import Cluster, Host
 from tests.test_cluster import agree, root_seen_by, view, wait_until

@@ -52,7 +52,8 @@ from bench.common import (
     splits_for,
 )
 from hsmdifd.daemon.config import ModelConfig
-from hsmdifd.placement.gguf_model import ModelShape, estimate_memory, read_model_shape
+from hsmdifd.placement.gguf_model import ModelShape, read_model_shape
+from hsmdifd.placement.memory_estimate import estimate_memory
 from hsmdifd.placement.planner import DeviceCapacity, Plan, Strategy, plan
 from tests.netns import Cluster
 

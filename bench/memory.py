@@ -1,6 +1,6 @@
 """Memory: hsmdif's estimate versus what llama.cpp takes, per device.
 
-Measured as hsmdifd/placement/gguf_model.py describes: the buffers llama.cpp logs (model, KV,
+Measured as hsmdifd/placement/memory_estimate.py describes: the buffers llama.cpp logs (model, KV,
 output, compute) and the growth of the process's RSS from before the model is
 created to after a prompt that fills the context. The figure compared is the larger
 of the two, the memory a device must be able to give: llama.cpp reserves buffers it
@@ -8,7 +8,7 @@ may not touch (Gemma's logits for a whole batch), and the process touches memory
 does not log (the vocabulary, the CPU backend's work buffer).
 
 Standalone: the tiny test model, the bundled Gemma 3 270M and the synthetic f32
-model, each loaded alone (estimate: gguf_model.estimate_memory). Split: the
+model, each loaded alone (estimate: memory_estimate.estimate_memory). Split: the
 synthetic model over 3 hosts by llama.cpp RPC by hand, as hsmdifd.placement.planner.plan
 places it (estimate: each share's bytes; RSS of the root's client and of each
 rpc-worker). Prints a table and merges `memory` into bench/results.json.
@@ -41,7 +41,8 @@ from bench.common import (
 )
 from bench.distributed import MODEL
 from hsmdifd.daemon.bundled import ensure_bundled_model
-from hsmdifd.placement.gguf_model import estimate_memory, read_model_shape
+from hsmdifd.placement.gguf_model import read_model_shape
+from hsmdifd.placement.memory_estimate import estimate_memory
 from hsmdifd.placement.planner import DeviceCapacity, Strategy, plan
 from tests.conftest import REPO
 from tests.netns import Cluster

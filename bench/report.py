@@ -414,7 +414,7 @@ def findings(results: dict[str, Any]) -> str:
         )
         notes.append(
             f"Missed the memory target ({m['target']:.0%}): {over}. The estimate's fixed "
-            "runtime margin (gguf_model.RUNTIME_OVERHEAD) is smaller than what a process "
+            "runtime margin (memory_estimate.RUNTIME_OVERHEAD) is smaller than what a process "
             "touches beyond llama.cpp's buffers; on rpc-workers that excess is larger still."
         )
     return "\n".join(f"- {n}" for n in notes) if notes else "- (none)"

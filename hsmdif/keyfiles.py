@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 SECRET_BYTES = 32
@@ -12,7 +14,7 @@ API_KEY_BYTES = 32
 
 
 class KeyFileError(Exception):
-    """A key file that cannot be written; the message says why."""
+    """A key file that cannot be written or read; the message says why."""
 
 
 def write_private(path: Path, text: str, what: str) -> None:
@@ -45,3 +47,30 @@ def new_api_key(path: Path) -> str:
     key = secrets.token_hex(API_KEY_BYTES)
     write_private(path, key + "\n", "the API key")
     return key
+
+
+def read_private(path: Path, what: str, hint: str) -> bytes:
+    """The first 4 KiB of `path`, a file only its owner may read. `what` names it in the
+    errors ("the cluster secret"), `hint` says how to make one."""
+    try:
+        with path.open("rb") as f:
+            mode = os.fstat(f.fileno()).st_mode & 0o777
+            data = f.read(4096)
+    except FileNotFoundError:
+        raise KeyFileError(f"no {what.removeprefix('the ')} at {path}: {hint}") from None
+    except OSError as e:
+        raise KeyFileError(f"cannot read {what} {path}: {e.strerror}") from None
+    if mode & 0o077:
+        raise KeyFileError(
+            f"{what} {path} is open to other users (mode {mode:o}): run `chmod 600 {path}`"
+        )
+    return data
+
+
+@contextlib.contextmanager
+def failing_as(error: type[Exception]) -> Iterator[None]:
+    """Raise a KeyFileError from inside as `error`, with the same sentence."""
+    try:
+        yield
+    except KeyFileError as e:
+        raise error(str(e)) from None

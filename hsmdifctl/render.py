@@ -42,18 +42,24 @@ def policy_text(policy: pb.Policy) -> str:
     return "in the order " + ", ".join(names) + ", then by total memory"
 
 
+# The status fields shown as they are: JSON key, StatusReply field.
+STATUS_FIELDS = (
+    ("id", "node_id"),
+    ("name", "name"),
+    ("role", "role"),
+    ("root", "root_name"),
+    ("generating", "generating"),
+    ("queued", "queued"),
+    ("in_flight", "in_flight"),
+    ("max_queue", "max_queue"),
+    ("address", "address"),
+    ("version", "version"),
+)
+
+
 def status_dict(reply: pb.StatusReply) -> dict[str, Any]:
     return {
-        "id": reply.node_id,
-        "name": reply.name,
-        "role": reply.role,
-        "root": reply.root_name,
-        "generating": reply.generating,
-        "queued": reply.queued,
-        "in_flight": reply.in_flight,
-        "max_queue": reply.max_queue,
-        "address": reply.address,
-        "version": reply.version,
+        **{key: getattr(reply, name) for key, name in STATUS_FIELDS},
         "uptime_seconds": round(reply.uptime_seconds, 1),
         "model": model_dict(reply.model),
         "epoch": {

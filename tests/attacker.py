@@ -376,9 +376,9 @@ def _relay_credentials(secret_file: str, node_id: str) -> Any:
     """The TLS credentials of a device holding the secret (the test's own, not ours)."""
     import tempfile
 
-    from hsmdifd.cluster import auth, tls
+    from hsmdifd.cluster import cluster_secret, tls
 
-    secret = auth.load_secret(Path(secret_file))
+    secret = cluster_secret.load_secret(Path(secret_file))
     return tls.device_credentials(secret, node_id, Path(tempfile.mkdtemp(prefix="relay-")))
 
 

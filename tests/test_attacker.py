@@ -29,8 +29,8 @@ import pytest
 
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
-from hsmdifd.cluster import auth, discovery, membership
-from hsmdifd.cluster.auth import write_secret_file
+from hsmdifd.cluster import auth, cluster_secret, discovery, membership, peer_channel
+from hsmdifd.cluster.cluster_secret import write_secret_file
 from tests.conftest import REPO, Daemon, child_pids, stop_all, write_config
 from tests.netns import Cluster, Host, require_root_netns
 from tests.test_cluster import agree, root_seen_by, status_of, wait_until
@@ -250,7 +250,7 @@ def test_an_announced_outsider_is_sent_no_proof(lan: Lan) -> None:
         f"{len(proofs)} proofs received by the outsider"
     )
     assert not proofs, f"daemons sent proofs to an address that proved nothing: {proofs}"
-    assert all(c["method"] == membership.HELLO_METHOD for c in calls), calls
+    assert all(c["method"] == peer_channel.HELLO_METHOD for c in calls), calls
     # The daemons speak TLS even to a plaintext port: a ClientHello is all it gets.
     firsts = {e["first"][:4] for e in seen if e["event"] == "connect" and e["first"]}
     assert firsts <= {"1603"}, firsts
@@ -262,7 +262,7 @@ def test_an_announced_outsider_is_sent_no_proof(lan: Lan) -> None:
 def _status_body(d: Daemon, version: int, order: list[str]) -> pb.PeerStatus:
     status = status_of(d)
     return pb.PeerStatus(
-        protocol_version=membership.PROTOCOL_VERSION,
+        protocol_version=peer_channel.PROTOCOL_VERSION,
         device=pb.DeviceProfile(id=status["id"], name=status["name"], address=status["address"]),
         policy=pb.Policy(version=version, order=order),
         started_at=time.time() - status["uptime_seconds"],
@@ -273,7 +273,7 @@ def test_replayed_proofs_change_nothing(lan: Lan) -> None:
     a, b = lan.daemons
     a_id, b_id = node_id(a), node_id(b)
     before = snapshot(lan)
-    secret = auth.load_secret(lan.secret)
+    secret = cluster_secret.load_secret(lan.secret)
     # A proof as an outsider would capture it: B's real heartbeat to A.
     real = _status_body(b, before[1][1], [])
     proof, _ = auth.sign(secret, b_id, a_id, STATUS_METHOD, auth.digest(real))

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from hsmdifd.cluster import auth
+from hsmdifd.cluster import auth, cluster_secret, peer_auth
 
 SECRET = bytes(range(32))
 OTHER = bytes(range(100, 132))
@@ -42,20 +42,20 @@ def echo_service(seen: list[str | None]) -> dict[str, grpc.RpcMethodHandler[Any,
 
     async def echo(request: bytes, context: Context) -> bytes:
         await asyncio.sleep(0)
-        seen.append(auth.caller_id.get())
+        seen.append(peer_auth.caller_id.get())
         return str(dict(context.invocation_metadata() or ()).get("x-echo", "")).encode() or request
 
     async def count(request: bytes, context: Context) -> AsyncIterator[bytes]:
-        seen.append(auth.caller_id.get())
+        seen.append(peer_auth.caller_id.get())
         for i in range(3):
             yield b"%d" % i
 
     async def write(request: bytes, context: Context) -> None:
-        seen.append(auth.caller_id.get())
+        seen.append(peer_auth.caller_id.get())
         await context.write(b"w")
 
     async def chat(requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
-        seen.append(auth.caller_id.get())
+        seen.append(peer_auth.caller_id.get())
         async for request in requests:
             yield request.upper()
 
@@ -70,7 +70,7 @@ def echo_service(seen: list[str | None]) -> dict[str, grpc.RpcMethodHandler[Any,
 
 @contextlib.asynccontextmanager
 async def serve(
-    interceptor: auth.AuthServerInterceptor | None,
+    interceptor: peer_auth.AuthServerInterceptor | None,
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]],
 ) -> AsyncIterator[str]:
     """A real server on 127.0.0.1 and an ephemeral port; yields its address."""
@@ -115,10 +115,12 @@ def signed(
 def test_same_secret_unary_call_names_both_ends() -> None:
     async def main() -> None:
         seen: list[str | None] = []
-        server = auth.AuthServerInterceptor(SECRET, "server-1")
+        server = peer_auth.AuthServerInterceptor(SECRET, "server-1")
         async with (
             serve(server, echo_service(seen)) as target,
-            channel(target, auth.client_interceptors(SECRET, "client-1", to("server-1"))) as ch,
+            channel(
+                target, peer_auth.client_interceptors(SECRET, "client-1", to("server-1"))
+            ) as ch,
         ):
             call = unary(ch)(b"hello")
             assert await call == b"hello"
@@ -133,7 +135,7 @@ def test_same_secret_unary_call_names_both_ends() -> None:
 def test_sign_and_verify_reply_without_client_interceptor() -> None:
     async def main() -> None:
         seen: list[str | None] = []
-        server = auth.AuthServerInterceptor(SECRET, "server-1")
+        server = peer_auth.AuthServerInterceptor(SECRET, "server-1")
         async with serve(server, echo_service(seen)) as target, channel(target) as ch:
             metadata, nonce = signed("client-2", UNARY, b"x")
             call = unary(ch)(b"x", metadata=metadata)
@@ -160,16 +162,16 @@ def test_sign_and_verify_reply_without_client_interceptor() -> None:
 def test_each_handler_sees_its_own_caller() -> None:
     async def main() -> None:
         seen: list[str | None] = []
-        server = auth.AuthServerInterceptor(SECRET, "server-1")
+        server = peer_auth.AuthServerInterceptor(SECRET, "server-1")
         async with (
             serve(server, echo_service(seen)) as target,
-            channel(target, auth.client_interceptors(SECRET, "node-a", to("server-1"))) as a,
-            channel(target, auth.client_interceptors(SECRET, "node-b", to("server-1"))) as b,
+            channel(target, peer_auth.client_interceptors(SECRET, "node-a", to("server-1"))) as a,
+            channel(target, peer_auth.client_interceptors(SECRET, "node-b", to("server-1"))) as b,
         ):
             calls = [unary(ch)(b"x") for _ in range(10) for ch in (a, b)]
             assert await asyncio.gather(*calls) == [b"x"] * 20
         assert sorted(s or "" for s in seen) == ["node-a"] * 10 + ["node-b"] * 10
-        assert auth.caller_id.get() is None
+        assert peer_auth.caller_id.get() is None
 
     run(main())
 
@@ -177,7 +179,7 @@ def test_each_handler_sees_its_own_caller() -> None:
 def test_streamed_requests_are_refused() -> None:
     async def main() -> None:
         seen: list[str | None] = []
-        server = auth.AuthServerInterceptor(SECRET, "server-1")
+        server = peer_auth.AuthServerInterceptor(SECRET, "server-1")
         async with serve(server, echo_service(seen)) as target, channel(target) as ch:
             chat = ch.stream_stream(
                 f"/{SERVICE}/Chat", request_serializer=identity, response_deserializer=identity
@@ -194,10 +196,10 @@ def test_streamed_requests_are_refused() -> None:
 def test_wrong_secret_missing_or_malformed_proof_is_refused() -> None:
     async def main() -> None:
         seen: list[str | None] = []
-        server = auth.AuthServerInterceptor(SECRET, "server-1")
+        server = peer_auth.AuthServerInterceptor(SECRET, "server-1")
         wrong = "wrong cluster secret, or a request altered on the way"
         async with serve(server, echo_service(seen)) as target:
-            intruder = auth.client_interceptors(OTHER, "intruder", to("server-1"))
+            intruder = peer_auth.client_interceptors(OTHER, "intruder", to("server-1"))
             async with channel(target, intruder) as ch:
                 assert await refusal(unary(ch)(b"x")) == (grpc.StatusCode.UNAUTHENTICATED, wrong)
                 code, details = await refusal(streaming(ch)(b"x").read())
@@ -231,7 +233,7 @@ def test_wrong_secret_missing_or_malformed_proof_is_refused() -> None:
 def test_replayed_request_is_refused() -> None:
     async def main() -> None:
         seen: list[str | None] = []
-        server = auth.AuthServerInterceptor(SECRET, "server-1")
+        server = peer_auth.AuthServerInterceptor(SECRET, "server-1")
         async with serve(server, echo_service(seen)) as target, channel(target) as ch:
             metadata, _ = signed("client", UNARY, b"once")
             assert await unary(ch)(b"once", metadata=metadata) == b"once"
@@ -260,7 +262,7 @@ def test_no_proof_leaves_before_the_receiver_proved_itself() -> None:
         collector = {"Echo": grpc.unary_unary_rpc_method_handler(collect, **codec)}
         async with (
             serve(None, collector) as target,
-            channel(target, auth.client_interceptors(SECRET, "client", to(None))) as ch,
+            channel(target, peer_auth.client_interceptors(SECRET, "client", to(None))) as ch,
         ):
             with pytest.raises(auth.AuthError, match="not yet proved"):
                 await unary(ch)(b"status")
@@ -288,10 +290,12 @@ def test_hello_proves_the_secret_for_one_challenge_and_caller() -> None:
 def test_streaming_calls_are_signed_and_checked() -> None:
     async def main() -> None:
         seen: list[str | None] = []
-        server = auth.AuthServerInterceptor(SECRET, "server-1")
+        server = peer_auth.AuthServerInterceptor(SECRET, "server-1")
         async with (
             serve(server, echo_service(seen)) as target,
-            channel(target, auth.client_interceptors(SECRET, "client-3", to("server-1"))) as ch,
+            channel(
+                target, peer_auth.client_interceptors(SECRET, "client-3", to("server-1"))
+            ) as ch,
         ):
             call = streaming(ch)(b"")
             assert [m async for m in call] == [b"0", b"1", b"2"]
@@ -331,7 +335,7 @@ def test_client_refuses_a_peer_without_the_secret(secret: bytes | None) -> None:
     async def main() -> None:
         async with (
             serve(None, impostor(secret)) as target,
-            channel(target, auth.client_interceptors(SECRET, "client", to("server-1"))) as ch,
+            channel(target, peer_auth.client_interceptors(SECRET, "client", to("server-1"))) as ch,
         ):
             with pytest.raises(auth.AuthError, match="peer"):
                 await unary(ch)(b"status?")
@@ -346,18 +350,18 @@ def test_secret_file_is_private_and_never_overwritten(tmp_path: Path) -> None:
     path = tmp_path / "state" / "cluster.secret"
     old = os.umask(0)
     try:
-        auth.write_secret_file(path)
+        cluster_secret.write_secret_file(path)
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert len(path.read_text().strip()) == 2 * auth.SECRET_BYTES
-    secret = auth.load_secret(path)
-    assert len(secret) == auth.SECRET_BYTES
-    with pytest.raises(auth.SecretError, match="already exists"):
-        auth.write_secret_file(path)
-    assert auth.load_secret(path) == secret
+    assert len(path.read_text().strip()) == 2 * cluster_secret.SECRET_BYTES
+    secret = cluster_secret.load_secret(path)
+    assert len(secret) == cluster_secret.SECRET_BYTES
+    with pytest.raises(cluster_secret.SecretError, match="already exists"):
+        cluster_secret.write_secret_file(path)
+    assert cluster_secret.load_secret(path) == secret
     assert os.listdir(path.parent) == ["cluster.secret"]
-    assert auth.generate_secret() != auth.generate_secret()
+    assert cluster_secret.generate_secret() != cluster_secret.generate_secret()
 
 
 @pytest.mark.parametrize(
@@ -379,8 +383,8 @@ def test_load_secret_explains_what_is_wrong(
     if content is not None:
         path.write_text(content + "\n")
         path.chmod(mode)
-    with pytest.raises(auth.SecretError) as info:
-        auth.load_secret(path)
+    with pytest.raises(cluster_secret.SecretError) as info:
+        cluster_secret.load_secret(path)
     assert message.format(path=path) in str(info.value)
 
 
@@ -388,4 +392,4 @@ def test_load_secret_accepts_a_minimal_secret(tmp_path: Path) -> None:
     path = tmp_path / "cluster.secret"
     path.write_text("0f" * 16)
     path.chmod(0o600)
-    assert auth.load_secret(path) == b"\x0f" * 16
+    assert cluster_secret.load_secret(path) == b"\x0f" * 16

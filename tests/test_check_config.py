@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from hsmdifd.cluster.auth import write_secret_file
+from hsmdifd.cluster.cluster_secret import write_secret_file
 from hsmdifd.daemon import cli
 from tests.conftest import REPO, run_hsmdifd
 from tests.test_devices_file import PROTOTYPE_DEVICES_JSON
@@ -52,6 +52,11 @@ class Setup:
 
     def args(self) -> list[str]:
         return ["--check-config", "--config", str(self.config)]
+
+    def paths(self) -> dict[str, Path]:
+        """The paths an expected message names, by the names it gives them."""
+        names = ("secret", "devices", "model", "root", "state", "socket_dir")
+        return {name: getattr(self, name) for name in names}
 
 
 @pytest.fixture
@@ -252,14 +257,7 @@ def test_each_broken_reference_is_named_with_its_fix(
         code, out, err = check_without_root_powers(setup)
     else:
         code, out, err = check(setup, capsys)
-    expected = message.format(
-        secret=setup.secret,
-        devices=setup.devices,
-        model=setup.model,
-        root=setup.root,
-        state=setup.state,
-        socket_dir=setup.socket_dir,
-    )
+    expected = message.format(**setup.paths())
     assert code == 2 and out == ""
     lines = err.splitlines()
     assert [line for line in lines if expected in line], err

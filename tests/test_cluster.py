@@ -15,7 +15,7 @@ import pytest
 
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
-from hsmdifd.cluster.auth import write_secret_file
+from hsmdifd.cluster.cluster_secret import write_secret_file
 from tests.conftest import Daemon, slow_model, stop_all, write_config
 from tests.netns import Cluster, Host, require_root_netns
 

@@ -11,11 +11,15 @@ from pathlib import Path
 import pytest
 
 from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdifd.cluster.clocks import StallFreeClock
 from hsmdifd.cluster.devices_file import load_devices_file
 from hsmdifd.cluster.discovery import TXT_LIMIT, encode_txt, parse_hint
 from hsmdifd.cluster.election import MemberState
-from hsmdifd.cluster.membership import PROTOCOL_VERSION, LiveChanged, Membership, StallFreeClock
-from hsmdifd.cluster.view import Cluster, Held
+from hsmdifd.cluster.membership import Membership
+from hsmdifd.cluster.peer_channel import PROTOCOL_VERSION
+from hsmdifd.cluster.peer_records import LiveChanged
+from hsmdifd.cluster.root_leases import Held
+from hsmdifd.cluster.view import Cluster
 from hsmdifd.daemon.config import Config, ConfigError, with_overrides
 from hsmdifd.daemon.node import Identity
 from hsmdifd.placement import rpc_protocol

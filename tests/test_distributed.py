@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hsmdifd.cluster.auth import write_secret_file
+from hsmdifd.cluster.cluster_secret import write_secret_file
 from tests.conftest import REPO, Daemon, child_pids, free_port_in, stop_all, write_config
 from tests.netns import Cluster, Host, require_root_netns
 from tests.test_cluster import agree, alive_names, view, wait_until
@@ -224,17 +224,20 @@ def test_reload_uses_the_tensor_cache(split_cluster: tuple[Cluster, list[Daemon]
 ASK_FOR_LEASE = """
 import asyncio, secrets, sys, tempfile, grpc
 from pathlib import Path
-from hsmdifd.cluster import auth
+from hsmdifd.cluster import auth, cluster_secret, peer_auth
 from hsmdifd.cluster import tls
-from hsmdifd.cluster.membership import OPEN_METHODS
+from hsmdifd.cluster.peer_channel import OPEN_METHODS
 from hsmdif.proto import hsmdif_pb2 as pb, hsmdif_pb2_grpc as pb_grpc
 
 async def ask():
     address, secret_file, node_id = sys.argv[1:]
-    secret = auth.load_secret(Path(secret_file)) if secret_file else auth.generate_secret()
+    if secret_file:
+        secret = cluster_secret.load_secret(Path(secret_file))
+    else:
+        secret = cluster_secret.generate_secret()
     creds = tls.device_credentials(secret, node_id, Path(tempfile.mkdtemp()))
     proven = []
-    interceptors = auth.client_interceptors(
+    interceptors = peer_auth.client_interceptors(
         secret, node_id, lambda: proven[0] if proven else None, open_methods=OPEN_METHODS
     )
     async with grpc.aio.secure_channel(

@@ -15,7 +15,8 @@ import llama_cpp
 import pytest
 
 from hsmdifd.engine.child import LlamaLog
-from hsmdifd.placement.gguf_model import MIB, estimate_memory, read_model_shape
+from hsmdifd.placement.gguf_model import read_model_shape
+from hsmdifd.placement.memory_estimate import MIB, estimate_memory
 from tests.tinymodel import write_tiny_llama
 
 EOS = 2  # the tiny vocabulary's </s>

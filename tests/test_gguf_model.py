@@ -11,13 +11,9 @@ import gguf
 import numpy as np
 import pytest
 
-from hsmdifd.placement.gguf_model import (
-    ModelFileError,
-    ModelNotFoundError,
-    estimate_memory,
-    read_model_shape,
-    read_tensor_table,
-)
+from hsmdifd.placement.gguf_header import ModelFileError, ModelNotFoundError, read_tensor_table
+from hsmdifd.placement.gguf_model import read_model_shape
+from hsmdifd.placement.memory_estimate import estimate_memory
 from tests.tinymodel import (
     DEFAULT_TEMPLATE,
     N_VOCAB,

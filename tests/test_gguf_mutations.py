@@ -16,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hsmdifd.placement.gguf_model import MAX_LAYERS, ModelFileError, ModelShape, read_model_shape
+from hsmdifd.placement.gguf_header import ModelFileError
+from hsmdifd.placement.gguf_model import MAX_LAYERS, ModelShape, read_model_shape
 from tests.gguf_layout import Layout, put, read_header, read_layout
 from tests.tinymodel import write_tiny_llama
 

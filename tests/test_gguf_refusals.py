@@ -11,13 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from hsmdifd.placement import gguf_model
-from hsmdifd.placement.gguf_model import (
-    ModelDamagedError,
-    ModelFileError,
-    ModelUnsupportedError,
-    read_model_shape,
-)
+from hsmdifd.daemon import timing
+from hsmdifd.placement import gguf_cursor
+from hsmdifd.placement.gguf_header import ModelDamagedError, ModelFileError, ModelUnsupportedError
+from hsmdifd.placement.gguf_model import read_model_shape
 from tests.gguf_layout import Layout, put, read_layout
 from tests.tinymodel import write_tiny_llama
 
@@ -287,8 +284,8 @@ def test_a_zero_filled_header_stops_at_the_first_repeat(tmp_path: Path) -> None:
 def test_a_header_over_the_byte_budget_is_refused(
     tiny: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gguf_model, "HEADER_BYTES", 4096)
-    monkeypatch.setattr(gguf_model, "HEADER_BYTES_PER_TOKEN", 0)
+    monkeypatch.setattr(gguf_cursor, "HEADER_BYTES", 4096)
+    monkeypatch.setattr(gguf_cursor, "HEADER_BYTES_PER_TOKEN", 0)
     path = tmp_path / "model.gguf"
     path.write_bytes(tiny)
 
@@ -303,7 +300,7 @@ def test_a_header_over_the_byte_budget_is_refused(
 def test_a_header_over_the_time_budget_is_refused(
     tiny: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gguf_model, "HEADER_SECONDS", -1.0)
+    monkeypatch.setattr(timing, "HEADER_SECONDS", -1.0)
     path = tmp_path / "model.gguf"
     path.write_bytes(tiny)
 

@@ -10,7 +10,8 @@ from tests.conftest import REPO
 
 def test_hsmdifctl_does_not_import_the_daemon() -> None:
     code = (
-        "import sys, hsmdifctl.cli, hsmdifctl.client, hsmdifctl.render; "
+        "import sys, hsmdifctl.cli, hsmdifctl.arguments, hsmdifctl.client, hsmdifctl.commands, "
+        "hsmdifctl.generation, hsmdifctl.render, hsmdifctl.session; "
         "print(sorted(m for m in sys.modules if m == 'hsmdifd' or m.startswith('hsmdifd.')))"
     )
     r = subprocess.run(

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdifd.cluster.election import Epoch
-from hsmdifd.cluster.view import Held
+from hsmdifd.cluster.root_leases import Held
 from hsmdifd.placement import planner
 from hsmdifd.placement.lifecycle import (
     BESIDE_HEADROOM,
@@ -210,21 +210,22 @@ def test_a_failed_re_plan_keeps_the_persons_model_wanted() -> None:
     assert wanted_after(wanted, BIG, False, grpc.StatusCode.FAILED_PRECONDITION, BIG) == wanted
 
 
-@given(
+# What is wanted, the load's request, whether the person chose it, how it failed (None:
+# it did not), and what serves: the arguments of wanted_after.
+Change = tuple[Wanted | None, pb.LoadRequest, bool, grpc.StatusCode | None, pb.LoadRequest | None]
+changes = st.tuples(
     st.one_of(st.none(), st.sampled_from((BIG, BAD, pb.LoadRequest())).map(Wanted)),
     st.sampled_from((BIG, BAD, pb.LoadRequest())),
     st.booleans(),
     st.one_of(st.none(), st.sampled_from(list(grpc.StatusCode))),
     st.one_of(st.none(), st.sampled_from((BIG, BAD))),
 )
-def test_wanted_after_properties(
-    wanted: Wanted | None,
-    request: pb.LoadRequest,
-    chosen: bool,
-    failure: grpc.StatusCode | None,
-    serving: pb.LoadRequest | None,
-) -> None:
-    after = wanted_after(wanted, request, chosen, failure, serving)
+
+
+@given(changes)
+def test_wanted_after_properties(change: Change) -> None:
+    wanted, request, chosen, failure, serving = change
+    after = wanted_after(*change)
     if failure is None:
         assert after == Wanted(request)
         return

@@ -15,7 +15,8 @@ import pytest
 
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
-from hsmdifd.placement.gguf_model import estimate_memory, read_model_shape
+from hsmdifd.placement.gguf_model import read_model_shape
+from hsmdifd.placement.memory_estimate import estimate_memory
 from hsmdifd.placement.profile import usable_cpus
 from tests import tinymodel
 from tests.conftest import Daemon, MakeDaemon, child_pids

@@ -13,13 +13,15 @@ import pytest
 
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdifd.cluster.election import Epoch
-from hsmdifd.cluster.view import Cluster, Held
+from hsmdifd.cluster.root_leases import Held
+from hsmdifd.cluster.view import Cluster
 from hsmdifd.daemon.config import Config, ModelConfig, ResourcesConfig, StateConfig
 from hsmdifd.daemon.errors import RequestError
 from hsmdifd.engine.models import Models
 from hsmdifd.engine.supervisor import Engine
 from hsmdifd.placement import planner
-from hsmdifd.placement.gguf_model import estimate_memory, read_model_shape
+from hsmdifd.placement.gguf_model import read_model_shape
+from hsmdifd.placement.memory_estimate import estimate_memory
 
 MiB = 1024 * 1024
 

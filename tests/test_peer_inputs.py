@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdifd.cluster import auth, tls
-from hsmdifd.cluster.auth import write_secret_file
+from hsmdifd.cluster.cluster_secret import generate_secret, load_secret, write_secret_file
 from hsmdifd.engine.rpc import free_port
 from tests.conftest import Daemon, stop_all, write_config
 from tests.tinymodel import write_tiny_llama
@@ -186,10 +186,10 @@ def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
     try:
         r = d.ctl("load")
         assert r.returncode == 0, r.stderr
-        secret = auth.load_secret(secret_file)
+        secret = load_secret(secret_file)
         node_id = (d.state_dir / "node_id").read_text().strip()
         ours = tls.device_credentials(secret, CALLER, base / "caller")
-        theirs = tls.device_credentials(auth.generate_secret(), CALLER, base / "other")
+        theirs = tls.device_credentials(generate_secret(), CALLER, base / "other")
         target = f"127.0.0.1:{port}"
         options = tls.CHANNEL_OPTIONS
         channel = grpc.secure_channel(target, tls.channel_credentials(ours), options)

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hsmdifd.placement.gguf_model import MIB, ModelShape, estimate_memory
+from hsmdifd.placement.gguf_model import ModelShape
+from hsmdifd.placement.memory_estimate import MIB, estimate_memory
 from hsmdifd.placement.planner import (
     MIN_SPEED,
     DeviceCapacity,

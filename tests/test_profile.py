@@ -14,7 +14,9 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from hsmdifd.placement import profile
+from hsmdifd.daemon.config import Config, ResourcesConfig, StateConfig
+from hsmdifd.daemon.node import Identity
+from hsmdifd.placement import profile, rpc_protocol
 from hsmdifd.placement.profile import CgroupMemory, cached_speed, memory_figures, read_cgroup_memory
 
 MiB = 1024 * 1024
@@ -413,3 +415,37 @@ def test_usable_cpus_is_capped_by_the_cgroup_quota(
     cpus = len(os.sched_getaffinity(0))
     got = profile.usable_cpus(make_cgroup(tmp_path, proc, files), tmp_path / "root")
     assert got == (cpus if expected is None else min(cpus, expected))
+
+
+def test_a_device_reports_the_figures_it_declares(tmp_path: Path) -> None:
+    config = Config(
+        state=StateConfig(dir=str(tmp_path)),
+        resources=ResourcesConfig(threads=3, memory_override_mb=64, speed_override=2.5),
+    )
+    me = Identity(node_id="node-1", name="kitchen", address="192.0.2.7:9999")
+    before = time.time()
+
+    device = profile.device_profile(config, me)
+
+    assert (device.id, device.name, device.address) == ("node-1", "kitchen", "192.0.2.7:9999")
+    assert device.memory_usable_bytes == 64 * MiB
+    assert device.memory_declared and device.declared
+    assert device.memory_total_bytes == memory_figures().total_bytes
+    assert (device.speed, device.threads) == (2.5, 3)
+    assert (device.role, device.state) == ("root", "alive")
+    assert device.rpc_protocol == rpc_protocol.protocol()
+    assert before <= device.measured_at <= time.time()
+    assert not (tmp_path / "speed.json").exists()  # a declared speed is not measured
+
+
+def test_a_device_that_declares_nothing_reports_what_it_measured(tmp_path: Path) -> None:
+    (tmp_path / "speed.json").write_text(
+        json.dumps({"fingerprint": profile.hardware_fingerprint(), "speed": 7.5})
+    )
+    config = Config(state=StateConfig(dir=str(tmp_path)))
+
+    device = profile.device_profile(config, Identity("node-2", "attic", "192.0.2.8:9999"))
+
+    assert device.speed == 7.5
+    assert not device.declared and not device.memory_declared
+    assert 0 < device.memory_usable_bytes <= device.memory_total_bytes

@@ -14,7 +14,7 @@ import gguf
 import pytest
 
 from hsmdifd.placement import quantize as q
-from hsmdifd.placement.gguf_model import ModelNotFoundError
+from hsmdifd.placement.gguf_header import ModelNotFoundError
 from hsmdifd.placement.quantize import GIB
 from tests.tinymodel import write_tiny_llama
 

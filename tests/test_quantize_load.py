@@ -17,10 +17,9 @@ import grpc
 import psutil
 import pytest
 
-from hsmdifd.daemon.config import Config, StateConfig
 from hsmdifd.daemon.errors import RequestError
+from hsmdifd.placement import model_files
 from hsmdifd.placement import quantize as q
-from hsmdifd.placement.placer import Placer
 from tests.conftest import Daemon, MakeDaemon
 from tests.tinymodel import write_tiny_llama
 
@@ -191,9 +190,9 @@ def quantizers(pid: int) -> list[int]:
     return found
 
 
-async def refusal(placer: Placer, source: Path) -> RequestError:
+async def refusal(state_dir: Path, source: Path) -> RequestError:
     with pytest.raises(RequestError) as caught:
-        async for _ in placer.quantized(source, "4bit", 1):
+        async for _ in model_files.quantized(source, "4bit", state_dir, 1):
             pass
     return caught.value
 
@@ -212,12 +211,10 @@ def test_a_refused_quantization_is_a_sentence_with_its_code(
         raise error
 
     monkeypatch.setattr(q, "quantize", refuse)
-    placer = Placer(Config(state=StateConfig(dir=str(tmp_path))), None, None)  # type: ignore[arg-type]
-    refused = asyncio.run(refusal(placer, tmp_path / "m.gguf"))
+    refused = asyncio.run(refusal(tmp_path, tmp_path / "m.gguf"))
     assert (refused.code, str(refused)) == (code, str(error))
 
 
 def test_a_missing_source_is_not_found(tmp_path: Path) -> None:
-    placer = Placer(Config(state=StateConfig(dir=str(tmp_path))), None, None)  # type: ignore[arg-type]
-    refused = asyncio.run(refusal(placer, tmp_path / "nowhere.gguf"))
+    refused = asyncio.run(refusal(tmp_path, tmp_path / "nowhere.gguf"))
     assert refused.code == grpc.StatusCode.NOT_FOUND and "model file not found" in str(refused)

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hsmdifd.cluster.auth import write_secret_file
+from hsmdifd.cluster.cluster_secret import write_secret_file
 from tests.conftest import Daemon, child_pids, stop_all
 from tests.netns import Cluster, require_root_netns
 from tests.test_cluster import agree, view, wait_until

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hsmdifd.cluster import tls
+from hsmdifd.cluster import certificates, tls
 
 SECRET = bytes(range(32))
 OTHER = bytes(range(100, 132))
@@ -288,13 +288,13 @@ def test_every_device_builds_the_same_ca(tmp_path: Path) -> None:
 
 
 def _scalar(secret: bytes) -> int:
-    return tls.ca_private_key(secret).private_numbers().private_value
+    return certificates.ca_private_key(secret).private_numbers().private_value
 
 
 @settings(max_examples=50, deadline=None)
 @given(st.binary(min_size=1, max_size=64), st.binary(min_size=1, max_size=64))
 def test_ca_key_is_a_function_of_the_secret(first: bytes, second: bytes) -> None:
-    key = tls.ca_private_key(first)
+    key = certificates.ca_private_key(first)
 
     assert isinstance(key.curve, ec.SECP256R1)
     assert _scalar(first) == _scalar(first)

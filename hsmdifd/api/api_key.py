@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import os
 import socket
 from pathlib import Path
 
@@ -55,26 +54,14 @@ def api_key_for(listen: str, key_file: str) -> bytes | None:
 
 def write_key_file(path: Path) -> str:
     """Write a new key to `path` (mode 0600, never over an existing file); return it."""
-    try:
+    with keyfiles.failing_as(ApiKeyError):
         return keyfiles.new_api_key(path)
-    except keyfiles.KeyFileError as e:
-        raise ApiKeyError(str(e)) from None
 
 
 def load_key(path: Path) -> bytes:
     """The key in `path`, or ApiKeyError saying what is wrong and what to do."""
-    try:
-        with path.open("rb") as f:
-            mode = os.fstat(f.fileno()).st_mode & 0o777
-            key = f.read(4096).strip()
-    except FileNotFoundError:
-        raise ApiKeyError(f"no API key at {path}: {MAKE_HINT}") from None
-    except OSError as e:
-        raise ApiKeyError(f"cannot read the API key {path}: {e.strerror}") from None
-    if mode & 0o077:
-        raise ApiKeyError(
-            f"the API key {path} is open to other users (mode {mode:o}): run `chmod 600 {path}`"
-        )
+    with keyfiles.failing_as(ApiKeyError):
+        key = keyfiles.read_private(path, "the API key", MAKE_HINT).strip()
     if len(key) < 16:
         raise ApiKeyError(f"the API key in {path} is shorter than 16 characters: {MAKE_HINT}")
     return key

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -338,7 +338,10 @@ def _guarded(name: str, handler: Any, limiter: LogLimiter) -> Any:
             limiter.warning(f"undecodable {name}", "undecodable %s request refused", name)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.sentence)
 
-    async def failed(error: Exception, context: Context) -> None:
+    async def failed(error: Exception, context: Context) -> NoReturn:
+        """An abort goes on as it is; any other error becomes INTERNAL with a sentence."""
+        if isinstance(error, grpc.aio.AbortError):
+            raise error
         if limiter.allows(f"internal {name}"):
             log.exception("%s failed unexpectedly", name, exc_info=error)
         await context.abort(
@@ -347,33 +350,29 @@ def _guarded(name: str, handler: Any, limiter: LogLimiter) -> Any:
             f"{shorten(str(error))}); its log has the details",
         )
 
+    wrapped: Callable[[Any, Context], Any]
     if handler.unary_unary is not None:
-        behavior = handler.unary_unary
+        answer = handler.unary_unary
 
         async def unary(request: Any, context: Context) -> Any:
             await refuse(request, context)
             try:
-                return await behavior(request, context)
-            except grpc.aio.AbortError:
-                raise
+                return await answer(request, context)
             except Exception as e:
                 await failed(e, context)
 
-        return handler._replace(
-            unary_unary=unary, request_deserializer=_lenient(handler.request_deserializer)
-        )
-    behavior = handler.unary_stream
+        kind, wrapped = "unary_unary", unary
+    else:
+        events = handler.unary_stream
 
-    async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-        await refuse(request, context)
-        try:
-            async for event in behavior(request, context):
-                yield event
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:
-            await failed(e, context)
+        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            await refuse(request, context)
+            try:
+                async for event in events(request, context):
+                    yield event
+            except Exception as e:
+                await failed(e, context)
 
-    return handler._replace(
-        unary_stream=stream, request_deserializer=_lenient(handler.request_deserializer)
-    )
+        kind, wrapped = "unary_stream", stream
+    deserializer = _lenient(handler.request_deserializer)
+    return handler._replace(**{kind: wrapped}, request_deserializer=deserializer)

@@ -13,8 +13,8 @@ from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
 from hsmdifd.api.control_service import add_guarded, check_generate, check_load, check_plan
 from hsmdifd.api.routing import Router
-from hsmdifd.cluster import auth
-from hsmdifd.cluster.membership import PROTOCOL_VERSION
+from hsmdifd.cluster import auth, peer_auth
+from hsmdifd.cluster.peer_channel import PROTOCOL_VERSION
 from hsmdifd.cluster.policy import policy_to_pb
 from hsmdifd.cluster.view import Cluster
 from hsmdifd.daemon.errors import RequestError
@@ -33,11 +33,8 @@ class PeerService(pb_grpc.PeerServicer):
     def __init__(
         self, cluster: Cluster, models: Models, leases: Leases, secret: bytes, router: Router
     ) -> None:
-        self._secret = secret
-        self._cluster = cluster
-        self._models = models
-        self._leases = leases
-        self._router = router
+        self._cluster, self._models, self._leases = cluster, models, leases
+        self._secret, self._router = secret, router
         self._log = LogLimiter(log)
 
     async def Hello(self, request: pb.HelloRequest, context: Context) -> pb.HelloReply:
@@ -56,7 +53,7 @@ class PeerService(pb_grpc.PeerServicer):
         )
 
     async def Status(self, request: pb.PeerStatus, context: Context) -> pb.PeerStatus:
-        caller = auth.caller_id.get()
+        caller = peer_auth.caller_id.get()
         if request.device.id != caller:
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -66,8 +63,10 @@ class PeerService(pb_grpc.PeerServicer):
         return self._cluster.local_status()
 
     async def SetPolicy(self, request: pb.Policy, context: Context) -> pb.Policy:
-        if self._cluster.adopt_policy(request, auth.caller_id.get() or ""):
-            log.info("policy version %d received from %s", request.version, auth.caller_id.get())
+        if self._cluster.adopt_policy(request, peer_auth.caller_id.get() or ""):
+            log.info(
+                "policy version %d received from %s", request.version, peer_auth.caller_id.get()
+            )
         return policy_to_pb(self._cluster.policy)
 
     async def _refuse_unless_root(self, context: Context) -> None:
@@ -113,7 +112,7 @@ class PeerService(pb_grpc.PeerServicer):
 
     async def StartRpc(self, request: pb.LeaseRequest, context: Context) -> pb.Lease:
         try:
-            return await self._leases.start(request, auth.caller_id.get() or "")
+            return await self._leases.start(request, peer_auth.caller_id.get() or "")
         except RequestError as e:
             await context.abort(e.code, str(e))
             raise  # unreachable: abort raises

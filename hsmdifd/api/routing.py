@@ -15,7 +15,8 @@ import grpc
 
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdifd.api.queue import RequestQueue
-from hsmdifd.cluster.view import Cluster, Forwarded
+from hsmdifd.cluster.forwarding import Forwarded
+from hsmdifd.cluster.view import Cluster
 from hsmdifd.daemon import timing
 from hsmdifd.daemon.errors import RequestError
 from hsmdifd.engine.models import Models

@@ -73,12 +73,16 @@ def _parse(path: Path) -> Any:
         )
     try:
         return json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a readable devices.json: it is not UTF-8 text") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: not a readable devices.json: nested too deeply") from None
-    except ValueError as e:
-        raise ConfigError(f"{path}: not a readable devices.json: {e}") from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ConfigError(f"{path}: not a readable devices.json: {_unreadable(e)}") from None
+
+
+def _unreadable(error: Exception) -> str:
+    if isinstance(error, UnicodeDecodeError):
+        return "it is not UTF-8 text"
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return str(error)
 
 
 def _refuse_constant(name: str) -> NoReturn:

@@ -11,7 +11,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
@@ -74,47 +74,39 @@ def parse_hint(properties: dict[bytes, bytes | None], host: str, port: int) -> H
         return None
 
 
+@dataclass(eq=False, kw_only=True)
 class Discovery:
     """Announce this device and report others as they come and go."""
 
-    def __init__(
-        self,
-        *,
-        instance: str,
-        host: str,
-        port: int,
-        txt: Callable[[], dict[str, str]],
-        on_hint: Callable[[Hint], None],
-        on_goodbye: Callable[[str, str], None],
-        ttl: int,
-    ) -> None:
-        self._ttl = ttl
-        self._instance = instance
-        self._host = host
-        self._port = port
-        self._txt = txt
-        self._on_hint = on_hint
-        self._on_goodbye = on_goodbye
-        self._zc: AsyncZeroconf | None = None
-        self._browser: AsyncServiceBrowser | None = None
-        self._info: AsyncServiceInfo | None = None
-        # service name -> node id, address; the oldest make room for new ones
-        self._names: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
-        self._tasks: set[asyncio.Task[None]] = set()
+    instance: str
+    host: str
+    port: int
+    txt: Callable[[], dict[str, str]]
+    on_hint: Callable[[Hint], None]
+    on_goodbye: Callable[[str, str], None]
+    ttl: int
+    _zc: AsyncZeroconf | None = field(default=None, init=False)
+    _browser: AsyncServiceBrowser | None = field(default=None, init=False)
+    _info: AsyncServiceInfo | None = field(default=None, init=False)
+    # service name -> node id, address; the oldest make room for new ones
+    _names: collections.OrderedDict[str, tuple[str, str]] = field(
+        default_factory=collections.OrderedDict, init=False
+    )
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
 
     def _service_info(self) -> AsyncServiceInfo:
         return AsyncServiceInfo(
             SERVICE_TYPE,
-            f"{self._instance}.{SERVICE_TYPE}",
-            port=self._port,
-            properties=self._txt(),
-            parsed_addresses=[self._host],
-            host_ttl=self._ttl,
-            other_ttl=self._ttl,
+            f"{self.instance}.{SERVICE_TYPE}",
+            port=self.port,
+            properties=self.txt(),
+            parsed_addresses=[self.host],
+            host_ttl=self.ttl,
+            other_ttl=self.ttl,
         )
 
     async def start(self) -> None:
-        self._zc = AsyncZeroconf(interfaces=[self._host], ip_version=IPVersion.V4Only)
+        self._zc = AsyncZeroconf(interfaces=[self.host], ip_version=IPVersion.V4Only)
         self._info = self._service_info()
         await self._zc.async_register_service(self._info, allow_name_change=True)
         self._browser = AsyncServiceBrowser(
@@ -133,7 +125,7 @@ class Discovery:
         if state_change is ServiceStateChange.Removed:
             known = self._names.pop(name, None)
             if known:
-                self._on_goodbye(*known)
+                self.on_goodbye(*known)
             return
         if len(self._tasks) >= MAX_RESOLVING:
             log.debug("not resolving %s: %d look-ups under way", name, len(self._tasks))
@@ -157,7 +149,7 @@ class Discovery:
             while len(self._names) >= MAX_NAMES:
                 self._names.popitem(last=False)
             self._names[name] = (hint.node_id, hint.address)
-            self._on_hint(hint)
+            self.on_hint(hint)
 
     async def stop(self) -> None:
         """Send goodbyes and close."""

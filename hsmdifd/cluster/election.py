@@ -272,3 +272,16 @@ def id_conflicts(claims: Iterable[tuple[str, str, float]]) -> dict[str, IdConfli
             keeper, *refused = sorted(group, key=lambda c: (c.started_at, c.address))
             conflicts[node_id] = IdConflict(keeper, tuple(refused))
     return conflicts
+
+
+def lease_refusal(offered: Epoch, current: Epoch, root_name: str) -> str | None:
+    """Why a worker in `current`, following `root_name`, refuses a lease asked under
+    `offered`; None grants it."""
+    if grants_lease(offered, current):
+        return None
+    if offered.policy_version < current.policy_version:
+        return (
+            f"the root holds policy version {offered.policy_version}, this device "
+            f"version {current.policy_version}"
+        )
+    return f"this device follows {root_name} as root"

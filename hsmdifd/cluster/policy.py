@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
+
+import grpc
 
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdifd.cluster import election
+from hsmdifd.daemon.errors import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +67,32 @@ def describe_policy(policy: election.Policy) -> str:
     if policy.by_memory_only or not policy.order:
         return "by memory"
     return "order " + ", ".join(policy.order) + ", then by memory"
+
+
+def next_policy(
+    current: election.Policy, names: list[str], by_memory: bool, members: Sequence[election.Member]
+) -> election.Policy:
+    """The policy a person's priority order (or by memory) makes of `current`, one version
+    on; RequestError for a device no member answers to, or a version at its limit."""
+    if by_memory:
+        order: tuple[str, ...] = ()
+    else:
+        try:
+            order = election.resolve_priority(names, members)
+        except election.PriorityError as e:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+    if current.version >= election.MAX_POLICY_VERSION:
+        raise RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"the policy version is at its limit ({election.MAX_POLICY_VERSION}); "
+            "delete policy.json in every state directory and restart",
+        )
+    return election.Policy(current.version + 1, order, by_memory)
+
+
+def policy_with_names(policy: election.Policy, members: Sequence[election.Member]) -> pb.Policy:
+    """`policy` on the wire, with the names of the devices it orders, for people."""
+    message = policy_to_pb(policy)
+    names = {m.node_id: m.name for m in members}
+    message.order_names.extend(names.get(i, i) for i in policy.order)
+    return message

@@ -25,7 +25,6 @@ device until the secret is changed, exactly as a leaked secret would.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import os
 import secrets
@@ -39,30 +38,22 @@ from typing import Any
 
 import grpc
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from hsmdifd.cluster.certificates import (
+    ca_certificate,
+    ca_private_key,
+    common_name,
+    device_certificate,
+    is_current,
+)
 
 TARGET_NAME = "hsmdif"
 """The DNS name in every device certificate; clients expect it instead of a host name."""
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [("grpc.ssl_target_name_override", TARGET_NAME)]
 """Options for every peer `grpc.aio.secure_channel`."""
-
-CA_NAME = "hsmdif cluster CA"
-_CA_INFO = b"hsmdif cluster ca v1"
-_URI_PREFIX = "hsmdif:node:"
-# The P-256 group order: the CA scalar is reduced into [1, n - 1].
-_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
-# Fixed so that every device builds the same CA certificate but for its signature.
-_CA_NOT_BEFORE = datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc)
-_CA_NOT_AFTER = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.timezone.utc)
-_CERT_LIFETIME = datetime.timedelta(days=3650)
-_RENEW_BEFORE = datetime.timedelta(days=365)
-# A device whose clock runs behind still accepts a fresh certificate of another.
-_CLOCK_SKEW = datetime.timedelta(days=2)
 
 
 class TlsError(RuntimeError):
@@ -84,111 +75,9 @@ class DeviceCredentials:
         return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-def ca_private_key(secret: bytes) -> ec.EllipticCurvePrivateKey:
-    """The cluster CA's key: the same on every device holding `secret`."""
-    if not secret:
-        raise ValueError("the cluster secret is empty")
-    # 384 bits reduced modulo a 256-bit order: the bias is below 2^-128.
-    okm = HKDF(algorithm=hashes.SHA256(), length=48, salt=None, info=_CA_INFO).derive(secret)
-    scalar = int.from_bytes(okm, "big") % (_P256_ORDER - 1) + 1
-    return ec.derive_private_key(scalar, ec.SECP256R1())
-
-
-def _ca_cert(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
-    public = key.public_key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_NAME)])
-    serial = int.from_bytes(hashlib.sha256(_public_der(public)).digest()[:16], "big") >> 1
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(public)
-        .serial_number(serial or 1)
-        .not_valid_before(_CA_NOT_BEFORE)
-        .not_valid_after(_CA_NOT_AFTER)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        # RFC 6979: the same bytes on every device, and from one start to the next.
-        .sign(key, hashes.SHA256(), ecdsa_deterministic=True)
-    )
-
-
-def _public_der(public: ec.EllipticCurvePublicKey) -> bytes:
-    return public.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def _device_cert(
-    node_id: str,
-    public: ec.EllipticCurvePublicKey,
-    ca_key: ec.EllipticCurvePrivateKey,
-    ca_cert: x509.Certificate,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
-        .not_valid_after(now + _CERT_LIFETIME)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName(TARGET_NAME),
-                    x509.UniformResourceIdentifier(_URI_PREFIX + node_id),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Write `path` whole or not at all with `mode` from the start; FileExistsError if it exists."""
+def _write(path: Path, data: bytes, mode: int, *, replace: bool) -> None:
+    """Write `path` whole or not at all with `mode` from the start; replacing what is
+    there, or else FileExistsError if it exists."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
@@ -196,21 +85,10 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.link(tmp, path)  # atomic, and refuses an existing `path`
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _replace(path: Path, data: bytes, mode: int) -> None:
-    """Write `path` whole or not at all, replacing what is there."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # atomic, and refuses an existing `path`
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -225,7 +103,7 @@ def _device_key(path: Path) -> ec.EllipticCurvePrivateKey:
             serialization.NoEncryption(),
         )
         with contextlib.suppress(FileExistsError):  # another process made it first
-            _write_new(path, pem, 0o600)
+            _write(path, pem, 0o600, replace=False)
     try:
         with path.open("rb") as f:
             if os.fstat(f.fileno()).st_mode & 0o077:
@@ -240,31 +118,6 @@ def _device_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return loaded
 
 
-def _current(
-    cert: x509.Certificate,
-    node_id: str,
-    public: ec.EllipticCurvePublicKey,
-    ca_cert: x509.Certificate,
-) -> bool:
-    """Whether `cert` is for `public` and `node_id`, signed by `ca_cert`, not near its end."""
-    try:
-        cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    if _public_der(public) != cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ):
-        return False
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return _common_name(cert) == node_id and cert.not_valid_after_utc - now > _RENEW_BEFORE
-
-
-def _common_name(cert: x509.Certificate) -> str | None:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    value = names[0].value if names else None
-    return value if isinstance(value, str) else None
-
-
 def device_credentials(secret: bytes, node_id: str, state_dir: Path) -> DeviceCredentials:
     """This device's key and certificate under the cluster CA of `secret`, made if missing.
 
@@ -276,7 +129,7 @@ def device_credentials(secret: bytes, node_id: str, state_dir: Path) -> DeviceCr
     except OSError as e:
         raise TlsError(f"cannot create {directory}: {e.strerror}") from None
     ca_key = ca_private_key(secret)
-    ca_cert = _ca_cert(ca_key)
+    ca_cert = ca_certificate(ca_key)
     key = _device_key(directory / "device.key")
     cert_path = directory / "device.crt"
     cert: x509.Certificate | None
@@ -284,10 +137,10 @@ def device_credentials(secret: bytes, node_id: str, state_dir: Path) -> DeviceCr
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except (OSError, ValueError):
         cert = None
-    if cert is None or not _current(cert, node_id, key.public_key(), ca_cert):
-        cert = _device_cert(node_id, key.public_key(), ca_key, ca_cert)
+    if cert is None or not is_current(cert, node_id, key.public_key(), ca_cert):
+        cert = device_certificate(node_id, TARGET_NAME, key.public_key(), ca_key, ca_cert)
         try:
-            _replace(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+            _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644, replace=True)
         except OSError as e:
             raise TlsError(f"cannot write {cert_path}: {e.strerror}") from None
     return DeviceCredentials(
@@ -400,7 +253,7 @@ def cert_node_id(der_or_ssl_socket: bytes | ssl.SSLSocket) -> str:
     if not der:
         raise TlsError("the peer showed no certificate")
     try:
-        name = _common_name(x509.load_der_x509_certificate(der))
+        name = common_name(x509.load_der_x509_certificate(der))
     except ValueError as e:
         raise TlsError(f"the peer's certificate cannot be read: {e}") from e
     if not name:

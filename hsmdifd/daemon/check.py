@@ -2,7 +2,7 @@
 
 Each check returns sentences, one per problem, each saying what is wrong and how to
 fix it; every check runs, so one run shows every problem. The checks reuse what the
-daemon itself runs at startup (`load_devices_file`, `auth.load_secret`,
+daemon itself runs at startup (`load_devices_file`, `cluster_secret.load_secret`,
 `gguf_model.read_model_shape`), so a configuration that passes here is one the
 daemon accepts, as this user.
 """
@@ -14,10 +14,11 @@ import stat
 from pathlib import Path
 
 from hsmdifd.api.api_key import ApiKeyError, api_key_for
-from hsmdifd.cluster.auth import SecretError, load_secret
+from hsmdifd.cluster.cluster_secret import SecretError, load_secret
 from hsmdifd.cluster.devices_file import load_devices_file
 from hsmdifd.daemon.config import Config, ConfigError
-from hsmdifd.placement.gguf_model import ModelFileError, read_model_shape
+from hsmdifd.placement.gguf_header import ModelFileError
+from hsmdifd.placement.gguf_model import read_model_shape
 
 
 def check_config(config: Config) -> list[str]:

@@ -1,4 +1,5 @@
-"""The one error type a request can fail with: a gRPC status and a sentence."""
+"""The errors the daemon speaks in: a request that fails (a gRPC status and a sentence),
+a startup that fails (a sentence)."""
 
 from __future__ import annotations
 
@@ -11,3 +12,7 @@ class RequestError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""

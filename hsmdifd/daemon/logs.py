@@ -7,14 +7,14 @@ import logging
 import threading
 import time
 
-LOG_EVERY = 10.0
+from hsmdifd.daemon import timing
 
 
 class LogLimiter:
     """At most one line per kind every `every` seconds, counting the rest; safe from any
     thread (the data-plane relays log from theirs)."""
 
-    def __init__(self, logger: logging.Logger, every: float = LOG_EVERY) -> None:
+    def __init__(self, logger: logging.Logger, every: float = timing.LOG_EVERY) -> None:
         self._log, self._every = logger, every
         self._last: dict[str, float] = {}
         self._quiet: dict[str, int] = {}

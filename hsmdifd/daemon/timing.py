@@ -20,8 +20,18 @@ MDNS_RESOLVE_TIMEOUT = 3.0
 PROOF_WINDOW = 30.0
 """Seconds a peer request proof stays good: older ones are stale, newer than the clock
 by more than this are refused as clock skew, and nonces are remembered this long."""
+HELLO_BACKOFF_MAX = 8.0
+"""Seconds at most between two challenges to an announced address that does not prove
+itself (the pause doubles from a heartbeat interval)."""
+KEEPALIVE_FLOOR = 1.0
+"""Seconds at least between gRPC keepalive pings on peer connections, and for their
+answers (twice the heartbeat interval above that)."""
+PING_FLOOR = 0.5
+"""Seconds at least the peer server lets pass between a client's pings."""
 
 # Lifecycle.
+LOG_EVERY = 10.0
+"""Seconds between two log lines of one kind that may repeat (refusals, floods)."""
 SHUTDOWN_GRACE = 5.0
 """Seconds a graceful shutdown waits for in-flight requests before cancelling them."""
 CHILD_STOP_TIMEOUT = 3.0
@@ -45,6 +55,16 @@ RELAY_LINGER = 5.0
 """Seconds a relayed connection, closed on one side, waits for the other side's close."""
 WATCHDOG_FRACTION = 0.5
 """WATCHDOG=1 is sent at this fraction of WATCHDOG_USEC."""
+RPC_PROBE_TIMEOUT = 0.5
+"""Seconds an RPC worker's endpoint gets to accept a connection, to name which worker
+stopped answering when a load or an answer fails."""
+
+# Models.
+HEADER_SECONDS = 5.0
+"""Seconds a GGUF header may take to read, checked between entries: a file on a stalled
+or very slow disk is refused rather than holding the model lock."""
+SPEED_BENCHMARK = 0.3
+"""Seconds the memory-bandwidth benchmark runs (its best repetition counts)."""
 
 # Generation.
 STREAM_INTERVAL = 0.05

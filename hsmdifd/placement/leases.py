@@ -25,7 +25,7 @@ import logging
 import secrets
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 import grpc
@@ -55,38 +55,31 @@ class _Held:
     keepalive: asyncio.Task[None]
 
 
+@dataclass(eq=False)
 class Leases:
-    def __init__(
-        self,
-        host: str,
-        cache_dir: Path,
-        threads: int,
-        refusal: Callable[[election.Epoch], str | None],
-        *,
-        credentials: DeviceCredentials | None = None,
-        data_plane: str = "plain",
-        keepalive_interval: float = timing.HEARTBEAT_INTERVAL,
-        dead_after: float = timing.DEAD_AFTER,
-    ) -> None:
-        """`refusal(epoch)` says why a lease asked under `epoch` is refused, or None.
+    """The RPC lease this device grants as a worker: one root at a time.
 
-        `host` is the cluster address relays listen on. `data_plane` is "tls" (needs
-        `credentials`; what the daemon passes by default) or "plain". The rpc-worker
-        gets a keepalive byte every `keepalive_interval` and exits after `dead_after`
-        seconds without one.
-        """
-        if data_plane == "tls" and credentials is None:
+    `refusal(epoch)` says why a lease asked under `epoch` is refused, or None. `host` is
+    the cluster address relays listen on. `data_plane` is "tls" (needs `credentials`;
+    what the daemon passes by default) or "plain". The rpc-worker gets a keepalive byte
+    every `keepalive_interval` and exits after `dead_after` seconds without one.
+    """
+
+    host: str
+    cache_dir: Path
+    threads: int
+    refusal: Callable[[election.Epoch], str | None]
+    _: KW_ONLY
+    credentials: DeviceCredentials | None = None
+    data_plane: str = "plain"
+    keepalive_interval: float = timing.HEARTBEAT_INTERVAL
+    dead_after: float = timing.DEAD_AFTER
+    _held: _Held | None = field(default=None, init=False)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+
+    def __post_init__(self) -> None:
+        if self.data_plane == "tls" and self.credentials is None:
             raise ValueError('data_plane = "tls" needs this device\'s TLS credentials')
-        self._host = host
-        self._credentials = credentials
-        self._data_plane = data_plane
-        self._keepalive_interval = keepalive_interval
-        self._dead_after = dead_after
-        self._refusal = refusal
-        self._cache_dir = cache_dir
-        self._threads = threads
-        self._held: _Held | None = None
-        self._lock = asyncio.Lock()
 
     @property
     def holder(self) -> str | None:
@@ -101,10 +94,10 @@ class Leases:
                 grpc.StatusCode.PERMISSION_DENIED, "a lease is asked for by the root only"
             )
         async with self._lock:
-            if reason := self._refusal(offered):
+            if reason := self.refusal(offered):
                 raise RequestError(grpc.StatusCode.ABORTED, reason)
             await self._end()
-            self._held = await self._start(caller, request.threads or self._threads)
+            self._held = await self._start(caller, request.threads or self.threads)
             log.info(
                 "lease %s for %s: relay on %s",
                 self._held.lease_id,
@@ -118,7 +111,7 @@ class Leases:
             )
 
     async def _start(self, caller: str, threads: int) -> _Held:
-        self._cache_dir.mkdir(parents=True, exist_ok=True)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
         port = free_port(LOOPBACK)
         loopback = f"{LOOPBACK}:{port}"
         proc = await start_child(
@@ -126,30 +119,30 @@ class Leases:
             "--endpoint",
             loopback,
             "--cache-dir",
-            str(self._cache_dir),
+            str(self.cache_dir),
             "--threads",
             str(threads),
             "--keepalive",
-            str(self._dead_after),
+            str(self.dead_after),
         )
         if proc is None:
             raise RequestError(
                 grpc.StatusCode.UNAVAILABLE, f"the rpc-worker on {loopback} did not start"
             )
         relay = WorkerRelay(
-            self._credentials,
+            self.credentials,
             caller,
             secrets.token_bytes(TOKEN_BYTES),
-            self._host,
+            self.host,
             port,
-            data_plane=self._data_plane,
+            data_plane=self.data_plane,
         )
         try:
             await relay.start()
         except OSError as e:
             await stop_child(proc)
             raise RequestError(
-                grpc.StatusCode.UNAVAILABLE, f"cannot listen for the relay on {self._host}: {e}"
+                grpc.StatusCode.UNAVAILABLE, f"cannot listen for the relay on {self.host}: {e}"
             ) from e
         lease_id = str(uuid.uuid4())
         keepalive = asyncio.create_task(self._keepalive(lease_id, proc, relay))
@@ -164,7 +157,7 @@ class Leases:
             while proc.returncode is None:
                 proc.stdin.write(b".")
                 try:
-                    await asyncio.wait_for(proc.wait(), self._keepalive_interval)
+                    await asyncio.wait_for(proc.wait(), self.keepalive_interval)
                 except TimeoutError:
                     continue
         except (BrokenPipeError, ConnectionResetError):

@@ -15,7 +15,7 @@ import grpc
 
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdifd.cluster import election
-from hsmdifd.cluster.view import Held
+from hsmdifd.cluster.root_leases import Held
 from hsmdifd.placement import planner
 from hsmdifd.placement.gguf_model import ModelShape
 

@@ -19,21 +19,15 @@ import grpc
 
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdifd.cluster import election
-from hsmdifd.cluster.view import Cluster, Held
-from hsmdifd.daemon.bundled import ensure_bundled_model
+from hsmdifd.cluster.root_leases import Held
+from hsmdifd.cluster.view import Cluster
+from hsmdifd.daemon import timing
 from hsmdifd.daemon.config import Config
 from hsmdifd.daemon.errors import RequestError
 from hsmdifd.engine.rpc import parse_endpoint
 from hsmdifd.engine.supervisor import Engine, LoadSpec, finish
-from hsmdifd.placement import planner, quantize
-from hsmdifd.placement.gguf_model import (
-    ModelFileError,
-    ModelNotFoundError,
-    ModelShape,
-    ModelUnreadableError,
-    estimate_memory,
-    read_model_shape,
-)
+from hsmdifd.placement import fitting, model_files, planner
+from hsmdifd.placement.gguf_model import ModelShape
 from hsmdifd.placement.lifecycle import (
     Loaded,
     Order,
@@ -42,54 +36,32 @@ from hsmdifd.placement.lifecycle import (
     load_order,
     wanted_after,
 )
-from hsmdifd.placement.profile import usable_cpus
 
 log = logging.getLogger(__name__)
 
-MIB = 1024 * 1024
-
 
 def plan_to_pb(plan: planner.Plan, model: str, endpoints: tuple[str, ...] = ()) -> pb.PlanReply:
+    reply = pb.PlanReply(model=model, standalone=plan.standalone, n_ctx=plan.n_ctx)
+    reply.strategy, reply.model_bytes = plan.strategy.value, plan.model_bytes
+    reply.n_gpu_layers = plan.n_gpu_layers
+    reply.tensor_split.extend(plan.tensor_split)
+    reply.predicted_tokens_per_s = plan.predicted_tokens_per_s
     total = plan.predicted_seconds_per_token or 1.0
-    reply = pb.PlanReply(
-        standalone=plan.standalone,
-        model_bytes=plan.model_bytes,
-        predicted_tokens_per_s=plan.predicted_tokens_per_s,
-        strategy=plan.strategy.value,
-        n_ctx=plan.n_ctx,
-        n_gpu_layers=plan.n_gpu_layers,
-        tensor_split=plan.tensor_split,
-        model=model,
-    )
     remote = iter(endpoints)
     for i, share in enumerate(plan.shares):
-        d = share.device
-        reply.devices.append(
-            pb.PlanShare(
-                name=d.name,
-                address=d.address,
-                node_id=d.node_id,
-                first_layer=share.first_layer,
-                layers=share.n_layers,
-                holds_output=share.holds_output,
-                bytes=share.bytes,
-                capacity_bytes=d.usable_bytes,
-                predicted_share=share.predicted_seconds_per_token / total,
-                speed=d.speed,
-                endpoint=next(remote, "") if i else "",
-            )
-        )
+        reply.devices.append(_share_pb(share, total, next(remote, "") if i else ""))
     return reply
 
 
-def _strategy(name: str, default: str) -> planner.Strategy:
-    try:
-        return planner.Strategy(name or default)
-    except ValueError:
-        raise RequestError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"unknown strategy {name!r}: use capacity or latency",
-        ) from None
+def _share_pb(share: planner.DeviceShare, total: float, endpoint: str) -> pb.PlanShare:
+    """One device's share of a plan; `total` the plan's seconds per token."""
+    d = share.device
+    row = pb.PlanShare(name=d.name, address=d.address, node_id=d.node_id, speed=d.speed)
+    row.capacity_bytes, row.endpoint = d.usable_bytes, endpoint
+    row.first_layer, row.layers = share.first_layer, share.n_layers
+    row.holds_output, row.bytes = share.holds_output, share.bytes
+    row.predicted_share = share.predicted_seconds_per_token / total
+    return row
 
 
 class Placer:
@@ -131,137 +103,38 @@ class Placer:
 
     async def shape(self, model_path: str) -> ModelShape:
         """The checked header of `model_path` (empty: the default model)."""
-        return await self.read_shape(await self.source(model_path))
+        return await model_files.read_shape(await self.source(model_path))
 
     async def source(self, model_path: str) -> Path:
         """The file `model_path` names (empty: the default model, prepared when bundled)."""
-        path = model_path or self._config.model.default
-        if not path:
-            try:
-                return await asyncio.to_thread(ensure_bundled_model, self._config.state_dir)
-            except (OSError, ValueError) as e:
-                raise RequestError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"cannot prepare the bundled model in {self._config.state_dir}: {e}",
-                ) from e
-        return Path(path).expanduser()
-
-    async def read_shape(self, path: Path) -> ModelShape:
-        """The checked header of the file at `path`."""
-        try:
-            return await asyncio.to_thread(read_model_shape, path)
-        except ModelFileError as e:
-            raise _model_file_refused(e) from e
+        return await model_files.source(
+            model_path, self._config.model.default, self._config.state_dir
+        )
 
     def quantize_level(self, asked: str) -> str:
         """The quantization a request asks for ("4bit", "8bit"), else the configured one."""
         return asked or self._config.model.quantize
 
-    async def quantized(
-        self, source: Path, level: str, threads: int
-    ) -> AsyncGenerator[pb.LoadEvent | Path, None]:
-        """Quantize `source` to `level` (or find its copy): the quantizer's progress, then
-        its note, as load events; last, the file to load. Closing this early (a cancelled
-        load) ends the quantizer, which leaves no partial file."""
-        events: asyncio.Queue[pb.LoadEvent | None] = asyncio.Queue()
-
-        def progress(fraction: float, stage: str) -> None:
-            step = pb.LoadProgress(fraction=fraction, stage=stage)
-            events.put_nowait(pb.LoadEvent(progress=step))
-
-        state_dir = self._config.state_dir
-        task = asyncio.ensure_future(quantize.quantize(source, level, state_dir, progress, threads))
-        task.add_done_callback(lambda _: events.put_nowait(None))
-        try:
-            while (event := await events.get()) is not None:
-                yield event
-            result = task.result()
-        except quantize.NoRoomError as e:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
-        except quantize.QuantizeError as e:
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
-        except ModelFileError as e:
-            raise _model_file_refused(e) from e
-        finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.wait({task})
-            elif not task.cancelled():
-                task.exception()  # retrieved, whether raised above or not
-        log.info("%s", result.note)
-        done = pb.LoadProgress(
-            fraction=1.0 if result.made else 0.0,
-            stage="quantized" if result.made else "checking",
-            note=result.note,
-        )
-        yield pb.LoadEvent(progress=done)
-        yield result.path
-
     async def planned_copy(self, shape: ModelShape, level: str) -> ModelShape:
-        """`shape` as its `level` copy would load, without quantizing: the copy's own
-        shape when it is cached, `shape` itself when the file is quantized already, else
-        `shape` scaled to the estimated size of the copy."""
-        source = Path(shape.path)
-        try:
-            if await asyncio.to_thread(quantize.quantized_types, source):
-                return shape
-            cached = quantize.cache_path(source, self._config.state_dir, level)
-            if cached.exists():
-                return await self.read_shape(cached)
-            size = await asyncio.to_thread(quantize.estimate_bytes, source, level)
-        except quantize.QuantizeError as e:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        except ModelFileError as e:
-            raise _model_file_refused(e) from e
-        except OSError as e:
-            raise _model_file_refused(ModelUnreadableError(f"cannot read {source}: {e}")) from e
-        return planner.quantized_shape(shape, size, repacked=level == "4bit")
+        """`shape` as its `level` copy would load, without quantizing."""
+        return await model_files.planned_copy(shape, level, self._config.state_dir)
 
     def plan(
         self, shape: ModelShape, n_ctx: int, strategy: str, extra_local: int = 0
     ) -> planner.Plan:
         """Place `shape` on the live devices; RequestError when they cannot hold it."""
-        n_ctx = n_ctx or self._config.model.context_length
-        if n_ctx < 16:
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"--max-seq-len {n_ctx} is too small: give at least 16 tokens",
-            )
         credit = self._loaded.credit if self._loaded else {}
-        devices = self._cluster.capacities(extra_local, credit)
-        if len(devices) == 1:
-            estimate = estimate_memory(shape, n_ctx)
-            usable = devices[0].usable_bytes
-            if estimate.total > usable:
-                raise RequestError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{shape.name} does not fit this device: it needs about "
-                    f"{estimate.total // MIB} MiB at a context of {n_ctx} tokens (weights "
-                    f"{estimate.weights // MIB} MiB, KV cache {estimate.kv_cache // MIB} MiB, "
-                    f"compute {estimate.compute // MIB} MiB, runtime {estimate.margin // MIB} "
-                    f"MiB) but {usable // MIB} MiB are usable; try a smaller --max-seq-len or "
-                    "a smaller model",
-                )
-        try:
-            return planner.plan(
-                shape, n_ctx, devices, _strategy(strategy, self._config.model.strategy)
-            )
-        except planner.PlanError as e:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        return fitting.plan_on(
+            shape,
+            n_ctx or self._config.model.context_length,
+            self._cluster.capacities(extra_local, credit),
+            strategy,
+            self._config.model.strategy,
+        )
 
     def threads(self, request: pb.LoadRequest) -> int:
-        """The thread count to load with; a count above what this device has is refused
-        (llama.cpp would load, then crash on every prompt)."""
-        if request.threads:
-            cpus = usable_cpus()
-            if request.threads > cpus:
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"--threads {request.threads} is more than this device has: it may use "
-                    f"{cpus} CPUs (its CPU affinity and cgroup quota); give at most {cpus}",
-                )
-            return request.threads
-        return self._config.threads
+        """The thread count to load with; more than this device has is refused."""
+        return fitting.thread_count(request.threads, self._config.threads)
 
     async def place(
         self,
@@ -301,13 +174,14 @@ class Placer:
         else:
             path = await self.source(request.model_path)
             if level := self.quantize_level(request.quantize):
-                async with contextlib.aclosing(self.quantized(path, level, threads)) as steps:
+                made = model_files.quantized(path, level, self._config.state_dir, threads)
+                async with contextlib.aclosing(made) as steps:
                     async for step in steps:
                         if isinstance(step, Path):
                             path = step
                         else:
                             yield step
-            shape = await self.read_shape(path)
+            shape = await model_files.read_shape(path)
         old = self._loaded  # what serves now: kept, or loaded again if it must go first
         for attempt in (1, 2):
             if known is not None and attempt == 1:
@@ -447,13 +321,6 @@ class Placer:
         return was_loaded
 
 
-def _model_file_refused(error: ModelFileError) -> RequestError:
-    code = grpc.StatusCode.NOT_FOUND
-    if not isinstance(error, ModelNotFoundError):
-        code = grpc.StatusCode.FAILED_PRECONDITION
-    return RequestError(code, str(error))
-
-
 async def name_lost_worker(
     error: RequestError, leases: tuple[Held, ...], cluster: Cluster | None = None
 ) -> RequestError:
@@ -473,7 +340,9 @@ async def name_lost_worker(
 async def _reachable(endpoint: str) -> bool:
     host, port = parse_endpoint(endpoint)
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 0.5)
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port), timing.RPC_PROBE_TIMEOUT
+        )
     except (OSError, TimeoutError):
         return False
     writer.close()

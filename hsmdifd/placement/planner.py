@@ -1,7 +1,7 @@
 """Split a model's layers over the cluster's devices: shape and devices in, a plan out.
 
 Pure: frozen values in and out, no I/O. Memory per device comes from
-gguf_model.estimate_memory for the number of layers the device holds (counted as the
+memory_estimate.estimate_memory for the number of layers the device holds (counted as the
 largest layers, so a block's figure never understates it). The root also holds the
 token embedding; the shape does not say whether the output shares it (tied), so the
 root is charged the larger of the non-output non-repeating bytes and the output's bytes.
@@ -20,7 +20,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hsmdifd.placement.gguf_model import CTX_PAD, MIB, ModelShape, estimate_memory
+from hsmdifd.placement.gguf_model import ModelShape
+from hsmdifd.placement.memory_estimate import CTX_PAD, MIB, estimate_memory
 
 HOP_SECONDS = 0.002  # default cost per token of one network hop on a LAN (assumed, not measured)
 MIN_SPEED = 0.01  # GB/s assumed for a device that reports no speed (0): it comes last

@@ -1,4 +1,4 @@
-"""What this device offers the cluster: memory, speed and load.
+"""What this device offers the cluster: memory, speed and load, and the figures it reports.
 
 Memory is what is available, capped by the cgroup limit where one applies (v1 or v2),
 minus the configured reserve. Speed is a short memory-bandwidth benchmark, cached in
@@ -22,18 +22,26 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 import psutil
 
-from hsmdifd.daemon import cgroups
+from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdifd.daemon import cgroups, timing
+from hsmdifd.placement import rpc_protocol
+
+if TYPE_CHECKING:
+    from hsmdifd.daemon.config import Config
+    from hsmdifd.daemon.node import Identity
 
 log = logging.getLogger(__name__)
 
 PROC_CGROUP = Path("/proc/self/cgroup")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-BENCH_MATRIX_BYTES = 64 * 1024 * 1024
+MIB = 1024 * 1024
+BENCH_MATRIX_BYTES = 64 * MIB
 """Larger than the last-level cache of the devices we run on, so the benchmark reads RAM."""
 
 # cpu_percent(interval=None) compares with the previous call; the first call returns 0.0.
@@ -52,6 +60,15 @@ class MemoryFigures:
     usable_bytes: int  # available (under the cgroup too) less the reserve; or the override
     limit_bytes: int  # the cgroup limit; 0 when none applies
     declared: bool  # True when usable_bytes is the configured override
+
+    def as_profile(self) -> pb.DeviceProfile:
+        """These figures in the fields of a device's profile."""
+        return pb.DeviceProfile(
+            memory_total_bytes=self.total_bytes,
+            memory_usable_bytes=self.usable_bytes,
+            memory_limit_bytes=self.limit_bytes,
+            memory_declared=self.declared,
+        )
 
 
 def _read(path: Path) -> str:
@@ -227,7 +244,7 @@ def hardware_fingerprint(proc_cgroup: Path = PROC_CGROUP, cgroup_root: Path = CG
     return hashlib.sha256("\n".join(facts).encode()).hexdigest()[:16]
 
 
-def measure_speed(threads: int = 1, seconds: float = 0.3) -> float:
+def measure_speed(threads: int = 1, seconds: float = timing.SPEED_BENCHMARK) -> float:
     """GB/s of float32 matrix-vector products on a 64 MiB matrix; higher is faster.
 
     llama.cpp decode is memory-bound matrix-vector work, so this tracks its speed.
@@ -294,3 +311,20 @@ def cpu_load() -> float:
     The module primes psutil at import, so the first call measures from then on.
     """
     return min(1.0, max(0.0, psutil.cpu_percent(interval=None) / 100.0))
+
+
+def device_profile(
+    config: Config, identity: Identity, refresh_speed: bool = False
+) -> pb.DeviceProfile:
+    """The figures this device reports (blocking: the speed benchmark may run)."""
+    res = config.resources
+    override = res.memory_override_mb * MIB if res.memory_override_mb else None
+    memory = memory_figures(res.memory_reserve_mb * MIB, override)
+    device = pb.DeviceProfile(id=identity.node_id, name=identity.name, address=identity.address)
+    device.MergeFrom(memory.as_profile())
+    device.speed = res.speed_override or cached_speed(config.state_dir, refresh=refresh_speed)
+    device.load, device.threads = cpu_load(), config.threads
+    device.role, device.state = "root", "alive"
+    device.declared = memory.declared or bool(res.speed_override)
+    device.measured_at, device.rpc_protocol = time.time(), rpc_protocol.protocol()
+    return device

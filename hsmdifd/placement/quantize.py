@@ -31,7 +31,8 @@ from pathlib import Path
 from gguf.constants import GGMLQuantizationType
 
 from hsmdifd.daemon import children
-from hsmdifd.placement.gguf_model import read_model_shape, read_tensor_table
+from hsmdifd.placement.gguf_header import read_tensor_table
+from hsmdifd.placement.gguf_model import read_model_shape
 
 GIB = 1024**3
 MARGIN_BYTES = 16 * 1024 * 1024  # for the file system's own needs, beyond the estimate
