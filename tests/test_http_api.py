@@ -184,6 +184,9 @@ def test_health_and_metrics_count_the_requests(api: Daemon) -> None:
     c = client(api)
     c.models.list()
     c.completions.create(model="tiny", prompt="once", max_tokens=3, temperature=0)
+    # An answer hsmdifctl asked for counts as one HTTP asked for, tokens and timings.
+    r = api.ctl("prompt", "once", "--raw", "--max-tokens", "2", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="nope", prompt="once", max_tokens=3)
     h = conn(api)
@@ -210,8 +213,8 @@ def test_health_and_metrics_count_the_requests(api: Daemon) -> None:
     assert requests("/v1/completions", "200") == 1
     assert requests("/v1/completions", "404") == 1
     assert requests("/health", "200") == 1
-    assert samples[("hsmdif_completion_tokens_total", ())] == 3
-    assert samples[("hsmdif_time_to_first_token_seconds_count", ())] == 1
+    assert samples[("hsmdif_completion_tokens_total", ())] == 3 + 2
+    assert samples[("hsmdif_time_to_first_token_seconds_count", ())] == 2
     assert samples[("hsmdif_queue_depth", ())] == 0
     assert samples[("hsmdif_model_loaded", (("model", "tiny"),))] == 1
     assert samples[("hsmdif_members_alive", ())] >= 1

@@ -16,6 +16,7 @@ from hsmdif.limits import quoted, shorten
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
 from hsmdifd import __version__
+from hsmdifd.api.metrics import Metrics
 from hsmdifd.api.routing import Router
 from hsmdifd.cluster.view import Cluster
 from hsmdifd.daemon.errors import RequestError
@@ -169,11 +170,13 @@ class ControlService(pb_grpc.ControlServicer):
         router: Router,
         device_profile: Callable[[bool], pb.DeviceProfile],
         max_prompt_bytes: int = limits.MAX_PROMPT_BYTES,
+        metrics: Metrics | None = None,
     ) -> None:
         self._cluster = cluster
         self._router = router
         self._device_profile = device_profile
         self._max_prompt_bytes = max_prompt_bytes
+        self._metrics = metrics
         self._started = time.monotonic()
         self._log = LogLimiter(log)
 
@@ -264,9 +267,17 @@ class ControlService(pb_grpc.ControlServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.GenerateEvent]:
+        started = time.monotonic()
+        first: float | None = None
         try:
             check_generate(request, self._max_prompt_bytes)
             async for event in self._router.generate(request):
+                kind = event.WhichOneof("event")
+                if kind == "text" and first is None:
+                    first = time.monotonic()
+                elif kind == "done" and self._metrics is not None:
+                    ttft = None if first is None else first - started
+                    self._metrics.answered(event.done, ttft)
                 yield event
         except RequestError as e:
             self._log.warning(f"generate {e.code.name}", "generation failed: %s", e)

@@ -121,10 +121,14 @@ class Metrics:
             registry=self.registry,
         )
         self.prompt_tokens = Counter(
-            "hsmdif_prompt_tokens", "Prompt tokens read", registry=self.registry
+            "hsmdif_prompt_tokens",
+            "Prompt tokens read, for answers asked of this device (HTTP or hsmdifctl)",
+            registry=self.registry,
         )
         self.completion_tokens = Counter(
-            "hsmdif_completion_tokens", "Tokens generated", registry=self.registry
+            "hsmdif_completion_tokens",
+            "Tokens generated, for answers asked of this device (HTTP or hsmdifctl)",
+            registry=self.registry,
         )
         self.ttft = Histogram(
             "hsmdif_time_to_first_token_seconds",

@@ -114,12 +114,12 @@ class Daemon:
             self._servers.append(
                 await components.enter_peer_server(stack, config, secret, credentials, service)
             )
-        control = ControlService(cluster, router, self.device_profile)
+        metrics = components.metrics(cluster, models, leases, router)
+        control = ControlService(cluster, router, self.device_profile, metrics=metrics)
         self._servers.append(await enter_control_server(stack, path, config.control.group, control))
         await cluster.start()
         tasks = background.Background()
         stack.push_async_callback(tasks.aclose)
-        metrics = components.metrics(cluster, models, leases, router)
         tasks.spawn(background.watch_metrics(metrics))
         http = await components.enter_http_api(
             stack, config, router, metrics, key=key, default_model_id=self._default_model_id
