@@ -8,14 +8,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator
 
 import grpc
 
 from hsmdif.proto import hsmdif_pb2 as pb
-from hsmdifd.cluster.view import Cluster
+from hsmdifd.cluster.view import Cluster, Held
 from hsmdifd.daemon.config import Config
 from hsmdifd.daemon.errors import RequestError
+from hsmdifd.engine import resume
+from hsmdifd.engine.resume import Answer
 from hsmdifd.engine.supervisor import Engine, check_prompt_size, finish, prompt_bytes
 from hsmdifd.placement import planner
 from hsmdifd.placement.lifecycle import Action, Loaded, Wanted, after_change, moves
@@ -124,20 +127,51 @@ class Models:
                 check_prompt_size(prompt_bytes(request), self._engine.n_ctx)
                 if request.max_tokens == 0:
                     request.max_tokens = self._config.model.max_tokens
-                loaded = self._placer.loaded
-                leases = loaded.leases if loaded else ()
-                try:
-                    async with contextlib.aclosing(self._engine.generate(request)) as events:
-                        async for event in events:
-                            yield event
-                except RequestError as e:
-                    error = await name_lost_worker(e, leases, self._cluster)
-                    if self._engine.state != pb.READY:  # FAILED says why until the next load
-                        await finish(self._placer.forget())
-                    raise error from e
+                answer = Answer(request, started=time.monotonic())
+                while True:
+                    loaded = self._placer.loaded
+                    leases = loaded.leases if loaded else ()
+                    try:
+                        answering = self._engine.generate(answer.next_request())
+                        async with contextlib.aclosing(answering) as stream:
+                            async for event in stream:
+                                for out in answer.see(event, time.monotonic()):
+                                    yield out
+                        return
+                    except RequestError as e:
+                        await self._resume(answer, e, leases)
         finally:
             self.in_flight -= 1
             self._arm_idle_timer()
+
+    async def _resume(self, answer: Answer, error: RequestError, leases: tuple[Held, ...]) -> None:
+        """The answer in flight failed with `error`: when a device holding layers was
+        lost, place the model again over the devices left, ready to go on; else, or
+        when it cannot go on, raise the error that ends the answer."""
+        lost_at = time.monotonic()
+        error = await name_lost_worker(error, leases, self._cluster)
+        if self._engine.state == pb.READY:
+            raise error  # the engine refused the request: nothing was lost
+        await finish(self._placer.forget())  # FAILED says why until the next load
+        planned = {d.node_id for d in self._cluster.capacities()}
+        lost = [h.name for h in leases if h.node_id not in planned]
+        if not lost:
+            raise error
+        if not answer.may_resume():
+            raise RequestError(error.code, resume.gave_up(lost, answer.resumes)) from error
+        answer.lost(lost_at)
+        log.warning("%s mid-answer: placing the model again to go on", resume.lost_sentence(lost))
+        wanted = self._placer.wanted
+        again = wanted.request if wanted else pb.LoadRequest()
+        try:
+            async with contextlib.aclosing(self._placer.place(again, chosen=False)) as events:
+                async for _ in events:
+                    pass
+        except RequestError as e:
+            raise RequestError(e.code, resume.cannot_hold(lost, str(e))) from e
+        placed = self._placer.loaded
+        on = [s.device.name for s in placed.plan.shares] if placed else []
+        answer.resuming(lost, on)
 
     def _busy(self) -> bool:
         return self.in_flight > 0 or self._lock.locked()

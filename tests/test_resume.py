@@ -1,0 +1,220 @@
+"""An answer goes on when a device holding layers is lost mid-answer: the root places
+the model again over the devices left and continues the same stream, on real daemons in
+network namespaces with memory caps. One cluster of four hosts serves every case."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hsmdifd.cluster.auth import write_secret_file
+from tests import oracle_client
+from tests.conftest import Daemon, child_pids, stop_all
+from tests.netns import Cluster, require_root_netns
+from tests.test_cluster import agree, alive_names, status_of, view, wait_until
+from tests.test_distributed import LIMIT, PROMPT, big_model, root_of, start
+from tests.test_replan import kill_with_children
+
+pytestmark = pytest.mark.netns
+
+__all__ = ["big_model"]  # the module-scoped fixture, shared with test_distributed
+
+TOKENS = 160
+RESUMED = re.compile(r"(\S+) was lost; resumed on (.+) after ([\d.]+) s")
+
+
+@pytest.fixture(scope="module")
+def four(big_model: Path) -> Iterator[tuple[Cluster, list[Daemon]]]:
+    """Four hosts of 600 MiB each, the 690 MB model loaded on the root."""
+    require_root_netns()
+    base = Path(tempfile.mkdtemp(prefix="hsm-", dir="/tmp"))
+    secret = base / "cluster.secret"
+    write_secret_file(secret)
+    try:
+        with Cluster(4, memory_limit_bytes=LIMIT) as cluster:
+            daemons = [start(h, base, f"h{h.index}", big_model, secret) for h in cluster.hosts]
+            try:
+                wait_until(lambda: agree(daemons), 30, "agreement")
+                r = root_of(daemons).ctl("load")
+                assert r.returncode == 0, r.stderr
+                yield cluster, daemons
+            finally:
+                stop_all(daemons)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def holders(root: Daemon) -> list[str]:
+    """The devices holding layers of the loaded model, root first."""
+    return [d["name"] for d in view(root)["devices"] if d["layers"]]
+
+
+def a_worker_holding_layers(root: Daemon, daemons: list[Daemon]) -> Daemon:
+    held = holders(root)
+    return next(d for d in daemons if d.dir.name in held and d is not root)
+
+
+def answering(root: Daemon) -> bool:
+    return bool(status_of(root)["generating"])
+
+
+def answer_losing(
+    root: Daemon, lose: Callable[[], None], tokens: int = TOKENS
+) -> tuple[int, dict[str, Any], str, float]:
+    """A long greedy raw answer during which `lose` runs, once tokens flow: the exit
+    status, the JSON answer, stderr, and seconds from the loss to the exit."""
+    answer = root.ctl_popen(
+        "prompt", PROMPT, "--raw", "--temperature", "0", "--max-tokens", str(tokens), "--json"
+    )
+    wait_until(lambda: answering(root), 30, "the answer under way")
+    time.sleep(1.0)  # some tokens are out
+    lost_at = time.monotonic()
+    lose()
+    out, err = answer.communicate(timeout=180)
+    took = time.monotonic() - lost_at
+    return answer.returncode, json.loads(out) if answer.returncode == 0 else {}, err, took
+
+
+def resumed_lines(err: str) -> list[tuple[str, list[str], float]]:
+    return [(m[1], m[2].split(", "), float(m[3])) for m in RESUMED.finditer(err)]
+
+
+def by_hand(
+    cluster: Cluster, root: Daemon, model: Path, after: list[int], tokens: int
+) -> list[int]:
+    """The token ids llama.cpp driven by hand produces on the split the root plans now,
+    from the prompt followed by `after`: fresh rpc-workers on the same hosts."""
+    info = json.loads(root.ctl("plan", "--json").stdout)
+    assert [d["name"] for d in info["devices"]] == holders(root)
+    assert root.ctl("unload").returncode == 0
+    by_name = {f"h{h.index}": h for h in cluster.hosts}
+    ids = [str(t) for t in after]
+    args = ["--n-ctx", "512", "--tokens", str(tokens), "--ids", "--after", *ids]
+    oracle = oracle_client.by_hand(by_name, info, model, PROMPT, *args)
+    assert oracle.returncode == 0, oracle.stderr[-2000:]
+    return [int(t) for t in oracle.stdout.split()]
+
+
+def back(daemons: list[Daemon], *returning: Daemon) -> None:
+    for d in returning:
+        if d.proc is None or d.proc.poll() is not None:
+            d.start()
+    wait_until(lambda: agree(daemons), 30, "all back")
+
+
+def up(daemons: list[Daemon], *lost: Daemon) -> bool:
+    return all(d.proc is not None and d.proc.poll() is None for d in daemons if d not in lost)
+
+
+def test_a_killed_worker_costs_the_answer_nothing(
+    four: tuple[Cluster, list[Daemon]], big_model: Path
+) -> None:
+    """SIGKILL a worker holding layers mid-answer: the answer goes on over the devices
+    left, every token once, and the continuation is llama.cpp's on the new split from
+    the prompt and the tokens already produced."""
+    cluster, daemons = four
+    root = root_of(daemons)
+    victim = a_worker_holding_layers(root, daemons)
+    code, answer, err, _ = answer_losing(root, lambda: kill_with_children(victim))
+    assert code == 0, err
+    assert answer["completion_tokens"] == TOKENS and len(answer["tokens"]) == TOKENS, answer
+    assert answer["resumes"] == 1, answer
+    (at,) = answer["resumed_at"]
+    assert 0 < at < TOKENS, answer
+    ((lost, on, gap),) = resumed_lines(err)
+    assert lost == victim.dir.name and lost not in on and on == holders(root), err
+    assert 0 < gap < 10 and answer["resume_gap_seconds"] == pytest.approx(gap, abs=0.06)
+    print(f"resumed at token {at} on {on} after {gap:.2f} s")
+    tokens = answer["tokens"]
+    assert by_hand(cluster, root, big_model, tokens[:at], TOKENS - at) == tokens[at:]
+    assert up(daemons, victim)
+    back(daemons, victim)
+
+
+def test_a_frozen_worker_costs_the_answer_nothing(four: tuple[Cluster, list[Daemon]]) -> None:
+    """SIGSTOP a worker holding layers mid-answer: once it counts as dead the answer
+    goes on over the devices left."""
+    _, daemons = four
+    root = root_of(daemons)
+    victim = a_worker_holding_layers(root, daemons)
+    assert victim.proc is not None
+    frozen = [victim.proc.pid, *child_pids(victim.proc.pid)]
+
+    def freeze() -> None:
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+
+    try:
+        code, answer, err, _ = answer_losing(root, freeze)
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    assert code == 0, err
+    assert answer["completion_tokens"] == TOKENS and len(answer["tokens"]) == TOKENS, answer
+    ((lost, on, gap),) = resumed_lines(err)
+    assert lost == victim.dir.name and lost not in on, err
+    assert 1.0 < gap < 15, err  # it counts as dead after dead_after (1.5 s)
+    assert answer["resumes"] == 1
+    back(daemons)
+
+
+def test_two_workers_lost_one_after_the_other(four: tuple[Cluster, list[Daemon]]) -> None:
+    """The answer survives a second loss after its first resume."""
+    _, daemons = four
+    root = root_of(daemons)
+    first = a_worker_holding_layers(root, daemons)
+    lost: list[Daemon] = [first]
+
+    def lose_two() -> None:
+        kill_with_children(first)
+        wait_until(
+            lambda: first.dir.name not in holders(root) and len(holders(root)) > 1,
+            60,
+            "the answer placed again",
+        )
+        second = a_worker_holding_layers(root, daemons)
+        lost.append(second)
+        time.sleep(0.5)
+        kill_with_children(second)
+
+    code, answer, err, _ = answer_losing(root, lose_two, tokens=400)
+    assert code == 0, err
+    assert answer["completion_tokens"] == 400 and answer["resumes"] == 2, (answer, err)
+    names = [line[0] for line in resumed_lines(err)]
+    assert names == [d.dir.name for d in lost], err
+    assert up(daemons, *lost)
+    back(daemons, *lost)
+
+
+def test_devices_left_too_small_end_the_answer_within_5_s(
+    four: tuple[Cluster, list[Daemon]],
+) -> None:
+    """With only the root and one worker left, losing the worker ends the answer with a
+    sentence naming it and the shortfall; the next prompt after it returns works."""
+    _, daemons = four
+    root = root_of(daemons)
+    worker = a_worker_holding_layers(root, daemons)
+    spare = [d for d in daemons if d not in (root, worker)]
+    for d in spare:
+        d.stop()
+    wait_until(lambda: alive_names(view(root)) == {root.dir.name, worker.dir.name}, 30, "two left")
+    code, _, err, took = answer_losing(root, lambda: kill_with_children(worker))
+    assert code == 1, err
+    assert f"{worker.dir.name} was lost mid-answer and the devices left cannot hold" in err, err
+    assert "MiB" in err, err
+    assert took < 5, f"{took:.1f} s to end the answer"
+    assert up([root])
+    back(daemons, worker, *spare)
+    r = root.ctl("prompt", PROMPT, "--raw", "--temperature", "0", "--max-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["completion_tokens"] == 4
