@@ -13,15 +13,17 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
+import grpc
 import pytest
 
+from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
 from hsmdifd.cluster.auth import write_secret_file
 from tests import oracle_client
 from tests.conftest import Daemon, child_pids, stop_all
 from tests.netns import Cluster, require_root_netns
-from tests.test_cluster import agree, alive_names, status_of, view, wait_until
+from tests.test_cluster import agree, alive_names, view, wait_until
 from tests.test_distributed import LIMIT, PROMPT, big_model, root_of, start
 from tests.test_replan import kill_with_children
 
@@ -64,25 +66,70 @@ def a_worker_holding_layers(root: Daemon, daemons: list[Daemon]) -> Daemon:
     return next(d for d in daemons if d.dir.name in held and d is not root)
 
 
-def answering(root: Daemon) -> bool:
-    return bool(status_of(root)["generating"])
+class Stream:
+    """A greedy raw answer read on the root's control socket, every token timed; `lose`
+    runs once `lose_at` tokens have come."""
+
+    def __init__(
+        self, root: Daemon, tokens: int, lose_at: int = 0, produced: tuple[int, ...] = ()
+    ) -> None:
+        self.request = pb.GenerateRequest(
+            prompt=PROMPT, raw=True, max_tokens=tokens, temperature=0.0
+        )
+        self.request.produced_tokens.extend(produced)
+        self.root = root
+        self.lose_at = lose_at
+        self.tokens: list[int] = []
+        self.arrivals: list[tuple[float, int]] = []  # (when, tokens so far)
+        self.notices: list[str] = []
+        self.stats: pb.GenerateStats | None = None
+        self.error = ""
+        self.started = self.lost_at = 0.0
+
+    def run(self, lose: Callable[[], None] | None = None) -> Stream:
+        self.started = time.monotonic()
+        with grpc.insecure_channel(f"unix:{self.root.socket}") as channel:
+            try:
+                for event in pb_grpc.ControlStub(channel).Generate(self.request, timeout=300):
+                    kind = event.WhichOneof("event")
+                    if kind == "text":
+                        self.tokens.extend(event.tokens)
+                        self.arrivals.append((time.monotonic(), len(self.tokens)))
+                        due = len(self.tokens) >= self.lose_at
+                        if lose is not None and due and not self.lost_at:
+                            lose()
+                            self.lost_at = time.monotonic()
+                    elif kind == "notice":
+                        self.notices.append(event.notice)
+                    elif kind == "done":
+                        self.stats = event.done
+            except grpc.RpcError as e:
+                self.error = str(e.details())
+        return self
+
+    def gap(self) -> float:
+        """Seconds from the loss to the next token at the client."""
+        after = [t for t, _ in self.arrivals if t > self.lost_at]
+        return after[0] - self.lost_at if after else float("nan")
+
+    def first_token_seconds(self) -> float:
+        return self.arrivals[0][0] - self.started if self.arrivals else float("nan")
 
 
-def answer_losing(
+def ctl_losing(
     root: Daemon, lose: Callable[[], None], tokens: int = TOKENS
-) -> tuple[int, dict[str, Any], str, float]:
-    """A long greedy raw answer during which `lose` runs, once tokens flow: the exit
-    status, the JSON answer, stderr, and seconds from the loss to the exit."""
+) -> tuple[int, str, str, float]:
+    """`hsmdifctl prompt`, a long greedy raw answer during which `lose` runs once text
+    flows: the exit status, stdout, stderr, and seconds from the loss to the exit."""
     answer = root.ctl_popen(
-        "prompt", PROMPT, "--raw", "--temperature", "0", "--max-tokens", str(tokens), "--json"
+        "prompt", PROMPT, "--raw", "--temperature", "0", "--max-tokens", str(tokens)
     )
-    wait_until(lambda: answering(root), 30, "the answer under way")
-    time.sleep(1.0)  # some tokens are out
+    assert answer.stdout is not None
+    first = answer.stdout.read(8)  # the answer is streaming
     lost_at = time.monotonic()
     lose()
     out, err = answer.communicate(timeout=180)
-    took = time.monotonic() - lost_at
-    return answer.returncode, json.loads(out) if answer.returncode == 0 else {}, err, took
+    return answer.returncode, first + out, err, time.monotonic() - lost_at
 
 
 def resumed_lines(err: str) -> list[tuple[str, list[str], float]]:
@@ -125,20 +172,21 @@ def test_a_killed_worker_costs_the_answer_nothing(
     cluster, daemons = four
     root = root_of(daemons)
     victim = a_worker_holding_layers(root, daemons)
-    code, answer, err, _ = answer_losing(root, lambda: kill_with_children(victim))
-    assert code == 0, err
-    assert answer["completion_tokens"] == TOKENS and len(answer["tokens"]) == TOKENS, answer
-    assert answer["resumes"] == 1, answer
-    (at,) = answer["resumed_at"]
-    assert 0 < at < TOKENS, answer
-    ((lost, on, gap),) = resumed_lines(err)
-    assert lost == victim.dir.name and lost not in on and on == holders(root), err
-    assert 0 < gap < 10 and answer["resume_gap_seconds"] == pytest.approx(gap, abs=0.06)
-    print(f"resumed at token {at} on {on} after {gap:.2f} s")
-    tokens = answer["tokens"]
+    answer = Stream(root, TOKENS, lose_at=8).run(lambda: kill_with_children(victim))
+    assert not answer.error and answer.stats is not None, answer.error
+    assert answer.stats.completion_tokens == TOKENS and len(answer.tokens) == TOKENS
+    assert answer.stats.resumes == 1, answer.stats
+    (at,) = answer.stats.resumed_at
+    assert 8 <= at < TOKENS, answer.stats
+    ((lost, on, gap),) = resumed_lines("\n".join(answer.notices))
+    assert lost == victim.dir.name and lost not in on and on == holders(root), answer.notices
+    assert 0 < gap < 10 and answer.stats.resume_gap_seconds == pytest.approx(gap, abs=0.06)
+    print(f"resumed at token {at} on {on} after {gap:.2f} s ({answer.gap():.2f} s here)")
+    tokens = answer.tokens
     assert by_hand(cluster, root, big_model, tokens[:at], TOKENS - at) == tokens[at:]
     assert up(daemons, victim)
     back(daemons, victim)
+    assert root.ctl("load").returncode == 0  # by_hand unloaded it
 
 
 def test_a_frozen_worker_costs_the_answer_nothing(four: tuple[Cluster, list[Daemon]]) -> None:
@@ -155,16 +203,15 @@ def test_a_frozen_worker_costs_the_answer_nothing(four: tuple[Cluster, list[Daem
             os.kill(pid, signal.SIGSTOP)
 
     try:
-        code, answer, err, _ = answer_losing(root, freeze)
+        code, _, err, _ = ctl_losing(root, freeze)
     finally:
         for pid in frozen:
             os.kill(pid, signal.SIGCONT)
     assert code == 0, err
-    assert answer["completion_tokens"] == TOKENS and len(answer["tokens"]) == TOKENS, answer
     ((lost, on, gap),) = resumed_lines(err)
     assert lost == victim.dir.name and lost not in on, err
     assert 1.0 < gap < 15, err  # it counts as dead after dead_after (1.5 s)
-    assert answer["resumes"] == 1
+    assert f"Generated {TOKENS} tokens" in err and "Resumed once after losing a device" in err
     back(daemons)
 
 
@@ -187,9 +234,9 @@ def test_two_workers_lost_one_after_the_other(four: tuple[Cluster, list[Daemon]]
         time.sleep(0.5)
         kill_with_children(second)
 
-    code, answer, err, _ = answer_losing(root, lose_two, tokens=400)
+    code, _, err, _ = ctl_losing(root, lose_two, tokens=400)
     assert code == 0, err
-    assert answer["completion_tokens"] == 400 and answer["resumes"] == 2, (answer, err)
+    assert "Generated 400 tokens" in err and "Resumed 2 times" in err, err
     names = [line[0] for line in resumed_lines(err)]
     assert names == [d.dir.name for d in lost], err
     assert up(daemons, *lost)
@@ -208,7 +255,7 @@ def test_devices_left_too_small_end_the_answer_within_5_s(
     for d in spare:
         d.stop()
     wait_until(lambda: alive_names(view(root)) == {root.dir.name, worker.dir.name}, 30, "two left")
-    code, _, err, took = answer_losing(root, lambda: kill_with_children(worker))
+    code, _, err, took = ctl_losing(root, lambda: kill_with_children(worker))
     assert code == 1, err
     assert f"{worker.dir.name} was lost mid-answer and the devices left cannot hold" in err, err
     assert "MiB" in err, err

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdifctl import render
 from hsmdifd.engine import resume
+from hsmdifd.engine.child import PREFILL_SECONDS, next_chunk
 from hsmdifd.engine.resume import Answer
 from hsmdifd.engine.text import TextStream
 
@@ -127,3 +128,25 @@ def test_two_lost_at_once_are_named_together() -> None:
     assert resume.resumed_notice(["h2", "h3"], ["h1"], 1.04) == (
         "h2, h3 were lost; resumed on h1 after 1.0 s"
     )
+
+
+@given(
+    st.floats(min_value=0.0005, max_value=0.2),
+    st.floats(min_value=0.0, max_value=0.001),
+    st.integers(min_value=1, max_value=8),
+)
+def test_a_prefill_grows_its_chunks_to_what_an_evaluation_costs(
+    fixed: float, per_token: float, first: int
+) -> None:
+    """Evaluations costing `fixed` + `per_token` a token: the chunks settle where one
+    takes about PREFILL_SECONDS, or about twice the fixed cost when that is longer; a
+    split model's prefill never falls to one token at a time."""
+    chunk, fastest = first, float("inf")
+    for _ in range(40):
+        elapsed = fixed + per_token * chunk
+        fastest = min(fastest, elapsed)
+        chunk = next_chunk(chunk, elapsed, fastest, 512)
+    took = fixed + per_token * chunk
+    assert took <= max(PREFILL_SECONDS, 2 * (fixed + per_token * first)) * 1.1 or chunk == 1
+    if per_token * 8 < fixed:  # the fixed cost dominates: chunks of many tokens
+        assert chunk >= min(8, 512)

@@ -275,12 +275,23 @@ def _prompt_tokens(loaded: _Loaded, request: pb.GenerateRequest) -> list[int]:
 
 PREFILL_SECONDS = 0.03
 """Seconds of prompt evaluation between two looks at whether the request was cancelled:
-a cancelled request frees the engine well within 100 ms at any stage."""
+a cancelled request frees the engine well within 100 ms at any stage (or within two
+evaluations of one token, for a model that takes longer than that for one)."""
+
+
+def next_chunk(chunk: int, elapsed: float, fastest: float, n_batch: int) -> int:
+    """The next prefill chunk after one of `chunk` tokens took `elapsed` seconds, the
+    fastest evaluation so far having taken `fastest`: sized to take PREFILL_SECONDS, or
+    twice the fastest when that is longer (a split model spends most of an evaluation
+    on reading its weights and on round trips, whatever the number of tokens: one token
+    at a time would take as long per token as decoding)."""
+    budget = max(PREFILL_SECONDS, 2 * fastest)
+    return max(1, min(n_batch, int(chunk * budget / max(elapsed, 1e-6))))
 
 
 def _prefill(llm: Any, tokens: list[int], ended: threading.Event) -> bool:
-    """Evaluate the prompt in chunks sized to take about PREFILL_SECONDS each (at most
-    n_batch tokens), looking for a cancellation between them; False when cancelled.
+    """Evaluate the prompt in chunks sized by `next_chunk` (at most n_batch tokens),
+    looking for a cancellation between them; False when cancelled.
 
     The tokens of the previous request that start this prompt stay in the KV cache
     (a chat repeats its history), as llama-cpp-python's own generate() would keep them.
@@ -291,15 +302,19 @@ def _prefill(llm: Any, tokens: list[int], ended: threading.Event) -> bool:
             break
         cached += 1
     llm.n_tokens = min(llm.n_tokens, cached)  # eval() drops the KV cache past this
-    chunk = 8
+    chunk, fastest = 8, float("inf")
+    started, kept = time.monotonic(), llm.n_tokens
     while llm.n_tokens < len(tokens):
         if ended.is_set():
             return False
         start = time.monotonic()
         batch = tokens[llm.n_tokens : llm.n_tokens + chunk]
         llm.eval(batch)
-        elapsed = max(time.monotonic() - start, 1e-6)
-        chunk = max(1, min(llm.n_batch, int(len(batch) * PREFILL_SECONDS / elapsed)))
+        elapsed = time.monotonic() - start
+        fastest = min(fastest, elapsed)
+        chunk = next_chunk(len(batch), elapsed, fastest, llm.n_batch)
+    took = time.monotonic() - started
+    log.info("evaluated %d tokens in %.2f s (%d cached)", len(tokens) - kept, took, kept)
     return not ended.is_set()
 
 

@@ -149,16 +149,22 @@ class Models:
         lost, place the model again over the devices left, ready to go on; else, or
         when it cannot go on, raise the error that ends the answer."""
         lost_at = time.monotonic()
-        error = await name_lost_worker(error, leases, self._cluster)
-        if self._engine.state == pb.READY:
-            raise error  # the engine refused the request: nothing was lost
-        await finish(self._placer.forget())  # FAILED says why until the next load
-        planned = {d.node_id for d in self._cluster.capacities()}
-        lost = [h.name for h in leases if h.node_id not in planned]
-        if not lost:
-            raise error
-        if not answer.may_resume():
-            raise RequestError(error.code, resume.gave_up(lost, answer.resumes)) from error
+        if error.code == grpc.StatusCode.ABORTED:  # the engine died or was ended
+            self._engine.prepare()  # the next one starts while the loss is looked into
+        try:
+            error = await name_lost_worker(error, leases, self._cluster)
+            if self._engine.state == pb.READY:
+                raise error  # the engine refused the request: nothing was lost
+            await finish(self._placer.forget())  # FAILED says why until the next load
+            planned = {d.node_id for d in self._cluster.capacities()}
+            lost = [h.name for h in leases if h.node_id not in planned]
+            if not lost:
+                raise error
+            if not answer.may_resume():
+                raise RequestError(error.code, resume.gave_up(lost, answer.resumes)) from error
+        except BaseException:
+            await self._engine.discard_spare()
+            raise
         answer.lost(lost_at)
         log.warning("%s mid-answer: placing the model again to go on", resume.lost_sentence(lost))
         wanted = self._placer.wanted
@@ -168,6 +174,7 @@ class Models:
                 async for _ in events:
                     pass
         except RequestError as e:
+            await self._engine.discard_spare()  # the plan failed before the engine was asked
             raise RequestError(e.code, resume.cannot_hold(lost, str(e))) from e
         placed = self._placer.loaded
         on = [s.device.name for s in placed.plan.shares] if placed else []
@@ -302,6 +309,7 @@ class Models:
 
     async def close(self) -> None:
         self._cancel_idle_timer()
+        await self._engine.discard_spare()
         self._engine.on_death = None
         for task in self._background:
             task.cancel()
