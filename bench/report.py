@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import resume
 from hsmdifd.placement.planner import HOP_SECONDS
 
 BENCH = Path(__file__).parent
@@ -25,6 +26,7 @@ TARGETS: list[tuple[str, str, float]] = [
     ("heterogeneous.speedup_vs_exo_split", ">=", 1.0),
     ("heterogeneous.fraction_of_best", ">=", 0.95),
     ("memory.worst_error", "|<=|", 0.10),
+    ("resume.gap_seconds", "<=", 3.0),
 ]
 RULE_NAMES = {
     "llama_cpp_default": "llama.cpp default (memory)",
@@ -456,6 +458,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("Memory-bandwidth limit", "limit", limit_text),
     ("Control plane", "control", control_text),
     ("HTTP API", "api", api_text),
+    ("Resuming after a lost worker", "resume", resume.report_text),
 ]
 
 
