@@ -44,11 +44,13 @@ def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-def start(host: Host, base: Path, name: str, model: Path, secret: Path) -> Daemon:
+def start(
+    host: Host, base: Path, name: str, model: Path, secret: Path, *, http: str = "off"
+) -> Daemon:
     directory = base / name
     directory.mkdir()
     config = write_config(directory / "hsmdifd.toml", model, resources="memory_reserve_mb = 0")
-    d = Daemon(dir=directory, config=config, host=host, mdns=True)
+    d = Daemon(dir=directory, config=config, host=host, mdns=True, http=http)
     d.extra_args = ["--name", name, "--secret-file", str(secret)]
     d.start()
     return d
