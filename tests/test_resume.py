@@ -311,6 +311,22 @@ def test_an_http_stream_just_goes_on(four: tuple[Cluster, list[Daemon]]) -> None
     back(daemons, victim)
 
 
+def test_a_lost_root_hands_the_answer_to_the_next(four: tuple[Cluster, list[Daemon]]) -> None:
+    """The root SIGKILLed mid-answer while the prompt was given on another device: that
+    device asks the root elected next to go on from the tokens it relayed."""
+    _, daemons = four
+    root = root_of(daemons)
+    asker = next(d for d in daemons if d is not root)
+    code, out, err, _ = ctl_losing(asker, lambda: kill_with_children(root))
+    assert code == 0, err
+    ((lost, on, _),) = resumed_lines(err)
+    assert lost == root.dir.name and on == [view(asker)["status"]["root"]], err
+    assert f"Generated {TOKENS} tokens" in err and "Resumed once" in err, err
+    assert out.strip()
+    back(daemons, root)
+    assert root_of(daemons).ctl("load").returncode == 0
+
+
 def test_devices_left_too_small_end_the_answer_within_5_s(
     four: tuple[Cluster, list[Daemon]],
 ) -> None:

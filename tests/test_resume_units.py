@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdifctl import render
 from hsmdifd.engine import resume
-from hsmdifd.engine.child import PREFILL_SECONDS, next_chunk
+from hsmdifd.engine.prefill import MIN_CHUNK, PREFILL_SECONDS, next_chunk
 from hsmdifd.engine.resume import Answer
 from hsmdifd.engine.text import TextStream
 
@@ -31,17 +31,12 @@ def sent_and_final(
 ) -> tuple[str, str]:
     """The text sent after the first `cut` tokens, and the whole answer's text."""
     stream = TextStream(stop, strip)
-    out: list[str] = []
-    sent = ""
-    for i, piece in enumerate(tokens):
-        if i == cut:
-            sent = "".join(out)
+    out: list[str] = []  # the text that goes out after each token
+    for piece in tokens:
         if stream.stopped:
             break
         out.append(stream.feed(piece))
-    if cut >= len(tokens):
-        sent = "".join(out)
-    return sent, "".join(out) + stream.end()
+    return "".join(out[:cut]), "".join(out) + stream.end()
 
 
 @given(pieces, stops, st.booleans(), st.integers(min_value=0, max_value=30))
@@ -133,20 +128,44 @@ def test_two_lost_at_once_are_named_together() -> None:
 @given(
     st.floats(min_value=0.0005, max_value=0.2),
     st.floats(min_value=0.0, max_value=0.001),
-    st.integers(min_value=1, max_value=8),
+    st.floats(min_value=0.0, max_value=1.0),
 )
 def test_a_prefill_grows_its_chunks_to_what_an_evaluation_costs(
-    fixed: float, per_token: float, first: int
+    fixed: float, per_token: float, noise: float
 ) -> None:
-    """Evaluations costing `fixed` + `per_token` a token: the chunks settle where one
-    takes about PREFILL_SECONDS, or about twice the fixed cost when that is longer; a
-    split model's prefill never falls to one token at a time."""
-    chunk, fastest = first, float("inf")
-    for _ in range(40):
-        elapsed = fixed + per_token * chunk
+    """Evaluations costing `fixed` + `per_token` a token (the first one faster by
+    `noise`, as a warm cache may make it): the chunks settle where one takes about
+    PREFILL_SECONDS, or about twice the fixed cost when that is longer, and never fall
+    below MIN_CHUNK tokens."""
+    chunk, fastest = MIN_CHUNK, float("inf")
+    for i in range(40):
+        elapsed = (fixed + per_token * chunk) * (1 - noise if i == 0 else 1)
         fastest = min(fastest, elapsed)
         chunk = next_chunk(chunk, elapsed, fastest, 512)
+        assert MIN_CHUNK <= chunk <= 512
     took = fixed + per_token * chunk
-    assert took <= max(PREFILL_SECONDS, 2 * (fixed + per_token * first)) * 1.1 or chunk == 1
-    if per_token * 8 < fixed:  # the fixed cost dominates: chunks of many tokens
-        assert chunk >= min(8, 512)
+    assert took <= max(PREFILL_SECONDS, 2 * (fixed + per_token * MIN_CHUNK)) * 1.1 or (
+        chunk == MIN_CHUNK
+    )
+    if noise == 0 and per_token * MIN_CHUNK < fixed / 4:  # the fixed cost dominates
+        assert chunk >= 4 * MIN_CHUNK or chunk == 512
+
+
+def test_a_continuation_elsewhere_names_the_model_and_adds_up_the_resumes() -> None:
+    """A device relaying an answer whose root was lost asks the next root for the same
+    file and context; the figures add its resume to those of the root that went on."""
+    answer = Answer(pb.GenerateRequest(prompt="p", raw=True), 0.0, model_path="/m.gguf")
+    answer.context_length = 512
+    assert not answer.next_request().model_path  # nothing produced: a plain request
+    answer.see(text("a", 5, 6), 1.0)
+    answer.lost(2.0)
+    answer.resuming(["h0"], ["h1"])
+    again = answer.next_request()
+    assert list(again.produced_tokens) == [5, 6]
+    assert (again.model_path, again.context_length) == ("/m.gguf", 512)
+    answer.see(text("b", 7), 5.0)
+    theirs = pb.GenerateStats(completion_tokens=3, resumes=1, resume_gap_seconds=1.0)
+    theirs.resumed_at.append(3)
+    (done,) = answer.see(pb.GenerateEvent(done=theirs), 6.0)
+    assert done.done.resumes == 2 and list(done.done.resumed_at) == [2, 3]
+    assert abs(done.done.resume_gap_seconds - 4.0) < 1e-9

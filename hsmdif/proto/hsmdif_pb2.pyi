@@ -659,6 +659,8 @@ class GenerateRequest(_message.Message):
     COMPLETE_IF_BASE_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     PRODUCED_TOKENS_FIELD_NUMBER: _builtins.int
+    MODEL_PATH_FIELD_NUMBER: _builtins.int
+    CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """... or, with raw set, a prompt passed to the model as it is."""
     raw: _builtins.bool
@@ -672,6 +674,12 @@ class GenerateRequest(_message.Message):
     model that has no chat template of its own (a base model), it is completed as
     written instead of being put through chat turns.
     """
+    model_path: _builtins.str
+    """With produced_tokens, the model file they came from: a root elected after the one
+    that was lost opens the same path, and says so when it has no such file.
+    """
+    context_length: _builtins.int
+    """with model_path: the context it was loaded with there"""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """Either a conversation, formatted with the model's chat template ..."""
@@ -700,10 +708,12 @@ class GenerateRequest(_message.Message):
         complete_if_base: _builtins.bool = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
         produced_tokens: _abc.Iterable[_builtins.int] | None = ...,
+        model_path: _builtins.str = ...,
+        context_length: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "complete_if_base", b"complete_if_base", "max_tokens", b"max_tokens", "messages", b"messages", "produced_tokens", b"produced_tokens", "prompt", b"prompt", "raw", b"raw", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "complete_if_base", b"complete_if_base", "context_length", b"context_length", "max_tokens", b"max_tokens", "messages", b"messages", "model_path", b"model_path", "produced_tokens", b"produced_tokens", "prompt", b"prompt", "raw", b"raw", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015

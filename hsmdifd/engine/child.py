@@ -29,6 +29,7 @@ from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
 from hsmdifd.daemon.children import exit_when_parent_goes, first_to_go_when_memory_runs_out
 from hsmdifd.daemon.timing import STREAM_INTERVAL
+from hsmdifd.engine.prefill import prefill
 from hsmdifd.engine.resume import resume_seed
 from hsmdifd.engine.supervisor import PROMPT_BYTES_PER_TOKEN, prompt_bytes
 from hsmdifd.engine.text import TextStream
@@ -273,51 +274,6 @@ def _prompt_tokens(loaded: _Loaded, request: pb.GenerateRequest) -> list[int]:
     return list(llm.tokenize(formatted.prompt.encode(), add_bos=False, special=True))
 
 
-PREFILL_SECONDS = 0.03
-"""Seconds of prompt evaluation between two looks at whether the request was cancelled:
-a cancelled request frees the engine well within 100 ms at any stage (or within two
-evaluations of one token, for a model that takes longer than that for one)."""
-
-
-def next_chunk(chunk: int, elapsed: float, fastest: float, n_batch: int) -> int:
-    """The next prefill chunk after one of `chunk` tokens took `elapsed` seconds, the
-    fastest evaluation so far having taken `fastest`: sized to take PREFILL_SECONDS, or
-    twice the fastest when that is longer (a split model spends most of an evaluation
-    on reading its weights and on round trips, whatever the number of tokens: one token
-    at a time would take as long per token as decoding)."""
-    budget = max(PREFILL_SECONDS, 2 * fastest)
-    return max(1, min(n_batch, int(chunk * budget / max(elapsed, 1e-6))))
-
-
-def _prefill(llm: Any, tokens: list[int], ended: threading.Event) -> bool:
-    """Evaluate the prompt in chunks sized by `next_chunk` (at most n_batch tokens),
-    looking for a cancellation between them; False when cancelled.
-
-    The tokens of the previous request that start this prompt stay in the KV cache
-    (a chat repeats its history), as llama-cpp-python's own generate() would keep them.
-    """
-    cached = 0
-    for a, b in zip(llm.input_ids[: llm.n_tokens], tokens[:-1], strict=False):
-        if a != b:
-            break
-        cached += 1
-    llm.n_tokens = min(llm.n_tokens, cached)  # eval() drops the KV cache past this
-    chunk, fastest = 8, float("inf")
-    started, kept = time.monotonic(), llm.n_tokens
-    while llm.n_tokens < len(tokens):
-        if ended.is_set():
-            return False
-        start = time.monotonic()
-        batch = tokens[llm.n_tokens : llm.n_tokens + chunk]
-        llm.eval(batch)
-        elapsed = time.monotonic() - start
-        fastest = min(fastest, elapsed)
-        chunk = next_chunk(len(batch), elapsed, fastest, llm.n_batch)
-    took = time.monotonic() - started
-    log.info("evaluated %d tokens in %.2f s (%d cached)", len(tokens) - kept, took, kept)
-    return not ended.is_set()
-
-
 def _generate(
     loaded: _Loaded,
     tokens: list[int],
@@ -340,6 +296,13 @@ def _generate(
             f"{loaded.n_ctx}; shorten the prompt or load the model with a larger --max-seq-len",
         )
     before = list(request.produced_tokens)
+    if len(tokens) + len(before) >= loaded.n_ctx:
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the answer cannot go on: its prompt ({len(tokens)} tokens) and the "
+            f"{len(before)} tokens produced fill the context of {loaded.n_ctx} tokens "
+            "the model is loaded with here",
+        )
     max_tokens = min(request.max_tokens, room)
     temperature = request.temperature if request.HasField("temperature") else 0.8
     top_p = request.top_p if request.HasField("top_p") else 0.95
@@ -348,7 +311,7 @@ def _generate(
     stream = TextStream(tuple(request.stop), strip_leading=not request.raw)
     stream.replay(loaded.piece(t) for t in before)
     evaluated = tokens + before
-    if not _prefill(llm, evaluated, ended):
+    if not prefill(llm, evaluated, ended):
         return
     vocab = llm._model.vocab
     produced = len(before)

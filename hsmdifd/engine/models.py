@@ -116,18 +116,27 @@ class Models:
         try:
             async with self._lock:
                 self._cancel_idle_timer()
-                if self._engine.state != pb.READY:
+                path = request.model_path  # a continuation begun on a root that was lost
+                if self._engine.state != pb.READY or (path and path != self._engine.info.path):
                     wanted = self._placer.wanted
                     again = wanted.request if wanted else pb.LoadRequest()
+                    if path:
+                        again = pb.LoadRequest(model_path=path, max_seq_len=request.context_length)
                     places = self._placer.place(again, chosen=False)
-                    async with contextlib.aclosing(places) as events:
-                        async for load_event in events:
-                            if load_event.HasField("progress"):
-                                yield pb.GenerateEvent(loading=load_event.progress)
+                    try:
+                        async with contextlib.aclosing(places) as events:
+                            async for load_event in events:
+                                if load_event.HasField("progress"):
+                                    yield pb.GenerateEvent(loading=load_event.progress)
+                    except RequestError as e:
+                        if path and e.code == grpc.StatusCode.NOT_FOUND:
+                            here = self._cluster.identity.name
+                            raise RequestError(e.code, resume.no_file_here(here, path, e)) from e
+                        raise
                 check_prompt_size(prompt_bytes(request), self._engine.n_ctx)
                 if request.max_tokens == 0:
                     request.max_tokens = self._config.model.max_tokens
-                answer = Answer(request, started=time.monotonic())
+                answer = Answer(request, time.monotonic(), list(request.produced_tokens))
                 while True:
                     loaded = self._placer.loaded
                     leases = loaded.leases if loaded else ()

@@ -61,14 +61,24 @@ def cannot_hold(lost: Sequence[str], why: str) -> str:
     return f"{lost_sentence(lost)} mid-answer and the devices left cannot hold the model: {why}"
 
 
+def no_file_here(device: str, path: str, why: object) -> str:
+    """The sentence ending an answer a new root cannot go on with."""
+    return (
+        f"the root was lost mid-answer and the answer cannot go on on {device}, the new "
+        f"root: it has no model file {path} ({why})"
+    )
+
+
 @dataclass
 class Answer:
     """One answer through its resumes: the request, the token ids the client has the
     text of, and when the answer stopped to resume."""
 
     request: pb.GenerateRequest
-    started: float  # when the root took the request (time.monotonic)
+    started: float  # when the request came (time.monotonic)
     produced: list[int] = field(default_factory=list)
+    model_path: str = ""  # the file the answer is made with, for a continuation elsewhere
+    context_length: int = 0  # the context it is loaded with
     resumed_at: list[int] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
     first_at: float | None = None  # the first text, to the root
@@ -81,7 +91,11 @@ class Answer:
         return len(self.resumed_at)
 
     def next_request(self) -> pb.GenerateRequest:
-        return continuation(self.request, self.produced)
+        again = continuation(self.request, self.produced)
+        if self.produced and self.model_path:
+            again.model_path = self.model_path
+            again.context_length = self.context_length
+        return again
 
     def may_resume(self) -> bool:
         return self.resumes < MAX_RESUMES
@@ -122,12 +136,13 @@ class Answer:
         return out
 
     def finish(self, stats: pb.GenerateStats, now: float) -> None:
-        """The engine's figures, for the last part, made the whole answer's: the engine
-        counts every token produced; the times are the root's."""
-        stats.resumes = self.resumes
-        stats.resume_gap_seconds = sum(self.gaps)
+        """The figures of the last part (the engine's, or a root's that resumed too), made
+        the whole answer's: the engine counts every token produced; the times are ours."""
+        stats.resumes += self.resumes
+        stats.resume_gap_seconds += sum(self.gaps)
+        resumed_at = sorted([*stats.resumed_at, *self.resumed_at])
         del stats.resumed_at[:]
-        stats.resumed_at.extend(self.resumed_at)
+        stats.resumed_at.extend(resumed_at)
         first = self.first_at if self.first_at is not None else now
         stats.time_to_first_token_ms = (first - self.started) * 1000
         decoding = now - first - stats.resume_gap_seconds
