@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import resume
 from hsmdifd.placement.planner import HOP_SECONDS
 
 BENCH = Path(__file__).parent
@@ -29,6 +30,7 @@ TARGETS: list[tuple[str, str, float]] = [
     ("api.completions_ttft_overhead_ms", "<=", 10),
     ("api.chat_decode_ratio", ">=", 0.97),
     ("api.chat_ttft_overhead_ms", "<=", 10),
+    ("resume.gap_seconds", "<=", 3.0),
 ]
 RULE_NAMES = {
     "llama_cpp_default": "llama.cpp default (memory)",
@@ -467,6 +469,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("Memory-bandwidth limit", "limit", limit_text),
     ("Control plane", "control", control_text),
     ("HTTP API", "api", api_text),
+    ("Resuming after a lost worker", "resume", resume.report_text),
 ]
 
 

@@ -56,6 +56,7 @@ STEPS: dict[str, Step] = {
     "memory": Step([], ["--quick"], True, (300, 30)),
     "limit": Step(["--reps", "7", "--tokens", "96"], ["--quick"], False, (300, 50)),
     "api": Step([], ["--quick"], False, (720, 60)),
+    "resume": Step(["--reps", "5"], ["--quick"], True, (600, 150)),
 }
 INTERRUPT_GRACE = 60.0  # seconds a benchmark gets to tear its hosts down after SIGINT
 

@@ -27,7 +27,10 @@ def with_sampling(request: pb.GenerateRequest, args: argparse.Namespace) -> pb.G
 
 
 def stream(
-    s: Session, request: pb.GenerateRequest, on_text: Callable[[str], None]
+    s: Session,
+    request: pb.GenerateRequest,
+    on_text: Callable[[str], None],
+    tokens: list[int] | None = None,
 ) -> pb.GenerateStats:
     """Run one generation, passing each piece of text on; Ctrl-C cancels it.
 
@@ -47,6 +50,8 @@ def stream(
                     first = time.perf_counter()
                     progress.clear()
                 on_text(event.text)
+                if tokens is not None:  # the ids of the tokens of the text
+                    tokens.extend(event.tokens)
             elif kind == "loading":
                 progress.update(event.loading.fraction, event.loading.stage)
                 started = time.perf_counter()
@@ -106,12 +111,14 @@ def cmd_prompt(s: Session, args: argparse.Namespace) -> None:
             s.out.write(piece)
             s.out.flush()
 
-    stats = stream(s, with_sampling(request, args), show)
+    tokens: list[int] = []
+    stats = stream(s, with_sampling(request, args), show, tokens)
     if args.verbose and not s.json:
         s.out.write("\n")
         print(render.allocation_text(ping(s.stub, s.path).model.plan), file=s.err)
     if s.json:
-        render.print_json({"text": "".join(pieces), **render.stats_dict(stats)}, s.out)
+        answer = {"text": "".join(pieces), "tokens": tokens, **render.stats_dict(stats)}
+        render.print_json(answer, s.out)
     else:
         s.out.write("\n")
         print(render.stats_text(stats), file=s.err)

@@ -184,15 +184,25 @@ def stats_dict(stats: pb.GenerateStats) -> dict[str, Any]:
         "tokens_per_second": round(stats.decode_tokens_per_second, 2),
         "finish_reason": stats.finish_reason,
         "total_seconds": round(stats.total_seconds, 3),
+        "resumes": stats.resumes,
+        "resume_gap_seconds": round(stats.resume_gap_seconds, 3),
+        "resumed_at": list(stats.resumed_at),
     }
 
 
 def stats_text(stats: pb.GenerateStats) -> str:
-    return (
+    text = (
         f"Generated {stats.completion_tokens} tokens (prompt {stats.prompt_tokens} tokens). "
         f"Inference speed: {stats.decode_tokens_per_second:.1f} tokens/second "
         f"(first token after {stats.time_to_first_token_ms:.0f} ms)"
     )
+    if stats.resumes:
+        times = "once" if stats.resumes == 1 else f"{stats.resumes} times"
+        text += (
+            f". Resumed {times} after losing a device "
+            f"({stats.resume_gap_seconds:.1f} s without tokens)"
+        )
+    return text
 
 
 class Progress:

@@ -365,9 +365,9 @@ def test_no_takeover_while_the_root_is_generating(nodes: Nodes, short_dir: Path)
         wait_until(lambda: agree(daemons, other.dir.name), 10, "the takeover")
 
 
-def test_root_frozen_mid_answer_ends_the_forwarded_answer(nodes: Nodes, short_dir: Path) -> None:
-    """A prompt given on a worker, when the root freezes mid-answer, ends with a
-    sentence naming the root instead of waiting for it; the next one is answered."""
+def test_root_frozen_mid_answer_goes_on_on_the_next_root(nodes: Nodes, short_dir: Path) -> None:
+    """A prompt given on a worker, when the root freezes mid-answer, goes on on the root
+    chosen next (here the worker) instead of waiting for it; the next one is answered."""
     nodes.model = slow_model(short_dir)
     with Cluster(2) as cluster:
         _, root, (worker,) = start_agreeing(nodes, cluster)
@@ -378,9 +378,9 @@ def test_root_frozen_mid_answer_ends_the_forwarded_answer(nodes: Nodes, short_di
         answer.stdout.read(1)  # the answer is streaming from the root
         root.proc.send_signal(signal.SIGSTOP)
         try:
-            _, err = answer.communicate(timeout=60)
-            assert answer.returncode == 1
-            assert f"the root ({root.dir.name}) stopped answering" in err, err
+            _, err = answer.communicate(timeout=180)  # the whole answer, 2000 tokens
+            assert answer.returncode == 0, err
+            assert f"{root.dir.name} was lost; resumed on {worker.dir.name}" in err, err
             r = worker.ctl("prompt", "hello", "--max-tokens", "3", "--json")
             assert r.returncode == 0, r.stderr
         finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +13,9 @@ import psutil
 import pytest
 
 from hsmdifd.cluster.cluster_secret import write_secret_file
-from tests.conftest import REPO, Daemon, child_pids, free_port_in, stop_all, write_config
+from tests.conftest import REPO, Daemon, child_pids, stop_all, write_config
 from tests.netns import Cluster, Host, require_root_netns
+from tests.oracle_client import by_hand
 from tests.test_cluster import agree, alive_names, view, wait_until
 from tests.tinymodel import write_tiny_llama
 
@@ -44,11 +44,13 @@ def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-def start(host: Host, base: Path, name: str, model: Path, secret: Path) -> Daemon:
+def start(
+    host: Host, base: Path, name: str, model: Path, secret: Path, *, http: str = "off"
+) -> Daemon:
     directory = base / name
     directory.mkdir()
     config = write_config(directory / "hsmdifd.toml", model, resources="memory_reserve_mb = 0")
-    d = Daemon(dir=directory, config=config, host=host, mdns=True)
+    d = Daemon(dir=directory, config=config, host=host, mdns=True, http=http)
     d.extra_args = ["--name", name, "--secret-file", str(secret)]
     d.start()
     return d
@@ -106,58 +108,9 @@ def test_split_over_hosts_matches_llama_cpp_rpc_by_hand(
     assert root.ctl("unload").returncode == 0
     info = json.loads(root.ctl("plan", "--json").stdout)
     by_name = {h: cluster.hosts[int(h[1:])] for h in (d["name"] for d in info["devices"])}
-    workers, endpoints = [], []
-    try:
-        for device in info["devices"][1:]:
-            host = by_name[device["name"]]
-            port = free_port_in(host)
-            endpoint = f"{host.address}:{port}"
-            proc = host.popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "hsmdifd.engine.rpc_worker",
-                    "--endpoint",
-                    endpoint,
-                    "--threads",
-                    "2",
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                cwd=REPO,
-            )
-            assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-            workers.append(proc)
-            endpoints += ["--endpoint", endpoint]
-        root_host = by_name[info["devices"][0]["name"]]
-        split = [str(x) for x in info["tensor_split"]]
-        oracle = root_host.run(
-            [
-                sys.executable,
-                "-m",
-                "tests.oracle_client",
-                str(big_model),
-                PROMPT,
-                *endpoints,
-                "--n-gpu-layers",
-                str(info["n_gpu_layers"]),
-                "--split",
-                *split,
-                "--n-ctx",
-                str(loaded["context_length"]),
-                "--tokens",
-                "16",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=300,
-            check=False,
-        )
-    finally:
-        for proc in workers:
-            proc.kill()
-            proc.wait()
+    oracle = by_hand(
+        by_name, info, big_model, PROMPT, "--n-ctx", str(loaded["context_length"]), "--tokens", "16"
+    )
     assert oracle.returncode == 0, oracle.stderr[-2000:]
     assert oracle.stdout == text
 
@@ -198,8 +151,8 @@ def test_worker_killed_mid_generation(split_cluster: tuple[Cluster, list[Daemon]
     answer.stdout.read(1)  # the answer has started
     psutil.Process(rpc_worker).kill()
     _, err = answer.communicate(timeout=120)
-    assert answer.returncode == 1
-    assert "engine process died" in err and worker.dir.name in err, err
+    assert answer.returncode == 0, err  # the answer goes on over the devices left
+    assert f"{worker.dir.name} was lost; resumed on" in err, err
     assert all(d.proc is not None and d.proc.poll() is None for d in daemons)
     # The next prompt plans again over what is left and works.
     again = prompt(root, 8)
@@ -362,8 +315,8 @@ def test_a_restarted_root_gets_its_leases_again(
 
 
 def test_worker_frozen_mid_generation(split_cluster: tuple[Cluster, list[Daemon]]) -> None:
-    """A device holding layers that stops answering (suspended, swapping) cuts the answer
-    off with its name once it counts as dead; nothing waits on it for ever."""
+    """A device holding layers that stops answering (suspended, swapping) counts as dead
+    after dead_after, and the answer goes on without it; nothing waits on it for ever."""
     _, daemons = split_cluster
     root = root_of(daemons)
     assert root.ctl("load").returncode == 0
@@ -379,8 +332,8 @@ def test_worker_frozen_mid_generation(split_cluster: tuple[Cluster, list[Daemon]
         os.kill(pid, signal.SIGSTOP)
     try:
         _, err = answer.communicate(timeout=60)
-        assert answer.returncode == 1
-        assert f"{worker.dir.name} stopped answering" in err, err
+        assert answer.returncode == 0, err  # the answer goes on over the devices left
+        assert f"{worker.dir.name} was lost; resumed on" in err, err
         # The next prompt plans without it, while it is still frozen.
         assert prompt(root, 4)["completion_tokens"] == 4
     finally:

@@ -185,8 +185,8 @@ def test_health_and_metrics_count_the_requests(api: Daemon) -> None:
     c.models.list()
     c.completions.create(model="tiny", prompt="once", max_tokens=3, temperature=0)
     # An answer hsmdifctl asked for counts as one HTTP asked for, tokens and timings.
-    r = api.ctl("prompt", "once", "--raw", "--max-tokens", "2", "--temperature", "0")
-    assert r.returncode == 0, r.stderr
+    answered = api.ctl("prompt", "once", "--raw", "--max-tokens", "2", "--temperature", "0")
+    assert answered.returncode == 0, answered.stderr
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="nope", prompt="once", max_tokens=3)
     h = conn(api)

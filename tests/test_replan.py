@@ -70,7 +70,7 @@ def test_a_returning_worker_never_swaps_the_persons_model(
                 answer.stdout.read(1)  # the answer has started
                 kill_with_children(worker)
                 answer.communicate(timeout=120)
-                assert answer.returncode == 1, f"round {round}"
+                assert answer.returncode == 0, f"round {round}"  # it went on without it
                 # The next prompt plans over the two left, with the person's model.
                 assert prompt(root, 4)["completion_tokens"] == 4
                 model = model_of(root)

@@ -658,6 +658,9 @@ class GenerateRequest(_message.Message):
     TOP_P_FIELD_NUMBER: _builtins.int
     COMPLETE_IF_BASE_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
+    PRODUCED_TOKENS_FIELD_NUMBER: _builtins.int
+    MODEL_PATH_FIELD_NUMBER: _builtins.int
+    CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """... or, with raw set, a prompt passed to the model as it is."""
     raw: _builtins.bool
@@ -671,6 +674,12 @@ class GenerateRequest(_message.Message):
     model that has no chat template of its own (a base model), it is completed as
     written instead of being put through chat turns.
     """
+    model_path: _builtins.str
+    """With produced_tokens, the model file they came from: a root elected after the one
+    that was lost opens the same path, and says so when it has no such file.
+    """
+    context_length: _builtins.int
+    """with model_path: the context it was loaded with there"""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """Either a conversation, formatted with the model's chat template ..."""
@@ -678,6 +687,13 @@ class GenerateRequest(_message.Message):
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Strings that end the answer; none of their text is sent (finish_reason "stop")."""
+
+    @_builtins.property
+    def produced_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """A continuation of an answer cut off by a lost device: the ids of the tokens already
+        produced (and sent), evaluated after the prompt in one prefill; the answer goes on
+        from there. max_tokens still counts them.
+        """
 
     def __init__(
         self,
@@ -691,10 +707,13 @@ class GenerateRequest(_message.Message):
         top_p: _builtins.float | None = ...,
         complete_if_base: _builtins.bool = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
+        produced_tokens: _abc.Iterable[_builtins.int] | None = ...,
+        model_path: _builtins.str = ...,
+        context_length: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "complete_if_base", b"complete_if_base", "max_tokens", b"max_tokens", "messages", b"messages", "prompt", b"prompt", "raw", b"raw", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "complete_if_base", b"complete_if_base", "context_length", b"context_length", "max_tokens", b"max_tokens", "messages", b"messages", "model_path", b"model_path", "produced_tokens", b"produced_tokens", "prompt", b"prompt", "raw", b"raw", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -721,6 +740,9 @@ class GenerateStats(_message.Message):
     DECODE_TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     TOTAL_SECONDS_FIELD_NUMBER: _builtins.int
+    RESUMES_FIELD_NUMBER: _builtins.int
+    RESUME_GAP_SECONDS_FIELD_NUMBER: _builtins.int
+    RESUMED_AT_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
     completion_tokens: _builtins.int
     time_to_first_token_ms: _builtins.float
@@ -730,6 +752,14 @@ class GenerateStats(_message.Message):
     finish_reason: _builtins.str
     """"stop", "length" """
     total_seconds: _builtins.float
+    resumes: _builtins.int
+    """times the answer went on after a device was lost"""
+    resume_gap_seconds: _builtins.float
+    """loss -> next token, summed over the resumes"""
+    @_builtins.property
+    def resumed_at(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """tokens already produced at each resume"""
+
     def __init__(
         self,
         *,
@@ -739,10 +769,13 @@ class GenerateStats(_message.Message):
         decode_tokens_per_second: _builtins.float = ...,
         finish_reason: _builtins.str = ...,
         total_seconds: _builtins.float = ...,
+        resumes: _builtins.int = ...,
+        resume_gap_seconds: _builtins.float = ...,
+        resumed_at: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "decode_tokens_per_second", b"decode_tokens_per_second", "finish_reason", b"finish_reason", "prompt_tokens", b"prompt_tokens", "time_to_first_token_ms", b"time_to_first_token_ms", "total_seconds", b"total_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "decode_tokens_per_second", b"decode_tokens_per_second", "finish_reason", b"finish_reason", "prompt_tokens", b"prompt_tokens", "resume_gap_seconds", b"resume_gap_seconds", "resumed_at", b"resumed_at", "resumes", b"resumes", "time_to_first_token_ms", b"time_to_first_token_ms", "total_seconds", b"total_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -756,6 +789,7 @@ class GenerateEvent(_message.Message):
     DONE_FIELD_NUMBER: _builtins.int
     LOADING_FIELD_NUMBER: _builtins.int
     NOTICE_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """the next piece of the answer (one token's text)"""
     notice: _builtins.str
@@ -768,6 +802,13 @@ class GenerateEvent(_message.Message):
     def loading(self) -> Global___LoadProgress:
         """the model is being loaded before the answer"""
 
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """With text: the ids of the tokens this text is made of (a token whose text is held
+        back, a part of a UTF-8 character or what may start a stop string, comes with the
+        text it ends up in). A device relaying the answer keeps them to continue it.
+        """
+
     def __init__(
         self,
         *,
@@ -775,10 +816,11 @@ class GenerateEvent(_message.Message):
         done: Global___GenerateStats | None = ...,
         loading: Global___LoadProgress | None = ...,
         notice: _builtins.str = ...,
+        tokens: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "event", b"event", "loading", b"loading", "notice", b"notice", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "event", b"event", "loading", b"loading", "notice", b"notice", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "event", b"event", "loading", b"loading", "notice", b"notice", "text", b"text", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["text", "done", "loading", "notice"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, TypeVar
 
@@ -20,10 +21,14 @@ from hsmdifd.cluster.view import Cluster
 from hsmdifd.daemon import timing
 from hsmdifd.daemon.errors import RequestError
 from hsmdifd.engine.models import Models
+from hsmdifd.engine.resume import Answer
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+NEW_ROOT_SECONDS = 15.0
+"""How long an answer whose root was lost waits for the devices left to choose another."""
 
 
 class Router:
@@ -83,6 +88,47 @@ class Router:
         return await _ask_root(self._cluster, self._cluster.root_stub().Unload(request))
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
+        """Answer `request` at the root. When the root is lost mid-answer, ask the root
+        elected after it to go on from the tokens relayed so far (the stream carries
+        their ids), with the same model file."""
+        answer = Answer(request, time.monotonic(), list(request.produced_tokens))
+        while True:
+            root_id = self._cluster.root_id
+            remote = not self.here
+            if remote and not answer.model_path:
+                model = self.model_info()
+                answer.model_path, answer.context_length = model.path, model.context_length
+            try:
+                async for event in self._generate_once(answer.next_request()):
+                    for out in answer.see(event, time.monotonic()):
+                        yield out
+                return
+            except RequestError as e:
+                lost_at = time.monotonic()
+                lost = remote and e.code == grpc.StatusCode.UNAVAILABLE and bool(answer.produced)
+                if not lost or not answer.may_resume():
+                    raise
+                if not await self._next_root(root_id):
+                    raise
+                answer.lost(lost_at)
+                answer.resuming([self._name_of(root_id)], [self._name_of(self._cluster.root_id)])
+                log.warning("the root was lost mid-answer: asking the new one to go on")
+
+    async def _next_root(self, lost: str) -> bool:
+        """Wait for a root other than `lost`; False when none comes in time."""
+        deadline = time.monotonic() + NEW_ROOT_SECONDS
+        while time.monotonic() < deadline:
+            root = self._cluster.root_id
+            if root != lost and (self.here or self._cluster.root_status() is not None):
+                return True
+            await asyncio.sleep(self._cluster.heartbeat_interval / 2)
+        return False
+
+    def _name_of(self, node_id: str) -> str:
+        names = {m.node_id: m.name for m in self._cluster.members()}
+        return names.get(node_id) or node_id[:8]
+
+    async def _generate_once(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
         deadline = asyncio.get_running_loop().time() + timing.LEASE_RETRY
         while True:
             if self.here:

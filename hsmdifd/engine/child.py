@@ -10,7 +10,6 @@ only this process goes down then.
 from __future__ import annotations
 
 import argparse
-import codecs
 import ctypes
 import logging
 import os
@@ -30,8 +29,10 @@ from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
 from hsmdifd.daemon.children import exit_when_parent_goes, first_to_go_when_memory_runs_out
 from hsmdifd.daemon.timing import STREAM_INTERVAL
-from hsmdifd.engine.stops import StopFilter
+from hsmdifd.engine.prefill import prefill
+from hsmdifd.engine.resume import resume_seed
 from hsmdifd.engine.supervisor import PROMPT_BYTES_PER_TOKEN, prompt_bytes
+from hsmdifd.engine.text import TextStream
 
 log = logging.getLogger("hsmdifd.engine.supervisor")
 
@@ -273,36 +274,6 @@ def _prompt_tokens(loaded: _Loaded, request: pb.GenerateRequest) -> list[int]:
     return list(llm.tokenize(formatted.prompt.encode(), add_bos=False, special=True))
 
 
-PREFILL_SECONDS = 0.03
-"""Seconds of prompt evaluation between two looks at whether the request was cancelled:
-a cancelled request frees the engine well within 100 ms at any stage."""
-
-
-def _prefill(llm: Any, tokens: list[int], ended: threading.Event) -> bool:
-    """Evaluate the prompt in chunks sized to take about PREFILL_SECONDS each (at most
-    n_batch tokens), looking for a cancellation between them; False when cancelled.
-
-    The tokens of the previous request that start this prompt stay in the KV cache
-    (a chat repeats its history), as llama-cpp-python's own generate() would keep them.
-    """
-    cached = 0
-    for a, b in zip(llm.input_ids[: llm.n_tokens], tokens[:-1], strict=False):
-        if a != b:
-            break
-        cached += 1
-    llm.n_tokens = min(llm.n_tokens, cached)  # eval() drops the KV cache past this
-    chunk = 8
-    while llm.n_tokens < len(tokens):
-        if ended.is_set():
-            return False
-        start = time.monotonic()
-        batch = tokens[llm.n_tokens : llm.n_tokens + chunk]
-        llm.eval(batch)
-        elapsed = max(time.monotonic() - start, 1e-6)
-        chunk = max(1, min(llm.n_batch, int(len(batch) * PREFILL_SECONDS / elapsed)))
-    return not ended.is_set()
-
-
 def _generate(
     loaded: _Loaded,
     tokens: list[int],
@@ -312,6 +283,8 @@ def _generate(
     received: float,
     ended: threading.Event,
 ) -> Iterator[pb.GenerateEvent]:
+    """Answer `request`, whose prompt is `tokens`; a continuation (`produced_tokens`)
+    evaluates the tokens produced before after it, in the same prefill, and goes on."""
     import llama_cpp
 
     llm = loaded.llm
@@ -322,35 +295,43 @@ def _generate(
             f"the prompt is {len(tokens)} tokens but the model is loaded with a context of "
             f"{loaded.n_ctx}; shorten the prompt or load the model with a larger --max-seq-len",
         )
+    before = list(request.produced_tokens)
+    if len(tokens) + len(before) >= loaded.n_ctx:
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the answer cannot go on: its prompt ({len(tokens)} tokens) and the "
+            f"{len(before)} tokens produced fill the context of {loaded.n_ctx} tokens "
+            "the model is loaded with here",
+        )
     max_tokens = min(request.max_tokens, room)
     temperature = request.temperature if request.HasField("temperature") else 0.8
     top_p = request.top_p if request.HasField("top_p") else 0.95
-    stops = StopFilter(tuple(request.stop))
-    llm.set_seed(request.seed if request.HasField("seed") else random.getrandbits(32))
-    if not _prefill(llm, tokens, ended):
+    seed = request.seed if request.HasField("seed") else random.getrandbits(32)
+    llm.set_seed(resume_seed(seed, len(before)) if before else seed)
+    stream = TextStream(tuple(request.stop), strip_leading=not request.raw)
+    stream.replay(loaded.piece(t) for t in before)
+    evaluated = tokens + before
+    if not prefill(llm, evaluated, ended):
         return
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     vocab = llm._model.vocab
-    produced = 0
+    produced = len(before)
     first_at = sent_at = 0.0
     pending: list[str] = []
+    pending_tokens: list[int] = []  # the tokens of `pending`, and of text held back
     finish = "length"
-    strip_leading = not request.raw
     # The prompt is all in the KV cache: generate() finds it there and samples at once.
     sampling = {"top_k": 40, "top_p": top_p, "min_p": 0.05, "repeat_penalty": REPEAT_PENALTY}
-    for token in llm.generate(tokens, temp=temperature, **sampling):
+    answer = llm.generate(evaluated, temp=temperature, **sampling) if produced < max_tokens else ()
+    for token in answer:
         if llama_cpp.llama_vocab_is_eog(vocab, token):
             finish = "stop"
             break
         produced += 1
-        text = decoder.decode(loaded.piece(token))
-        if strip_leading and text:
-            text = text.lstrip()
-            strip_leading = not text
-        if produced == 1:
+        pending_tokens.append(token)
+        text = stream.feed(loaded.piece(token))
+        if not first_at:
             first_at = time.monotonic()
-        text = stops.feed(text)
-        if stops.stopped:
+        if stream.stopped:
             pending.append(text)
             finish = "stop"
             break
@@ -358,25 +339,26 @@ def _generate(
             pending.append(text)
             now = time.monotonic()
             if now - sent_at >= STREAM_INTERVAL:  # the first piece goes at once
-                yield pb.GenerateEvent(text="".join(pending))
+                yield pb.GenerateEvent(text="".join(pending), tokens=pending_tokens)
                 pending.clear()
+                pending_tokens.clear()
                 sent_at = now
         if produced >= max_tokens:
             break
         if ended.is_set() or not context.is_active():
             return
-    if not stops.stopped:
-        pending.append(stops.feed(decoder.decode(b"", final=True)) + stops.flush())
-    if text := "".join(pending):
-        yield pb.GenerateEvent(text=text)
+    pending.append(stream.end())
+    if pending_tokens or any(pending):
+        yield pb.GenerateEvent(text="".join(pending), tokens=pending_tokens)
     done = time.monotonic()
-    decode_seconds = done - first_at if produced > 1 else 0.0
+    new = produced - len(before)
+    decode_seconds = done - first_at if new > 1 else 0.0
     yield pb.GenerateEvent(
         done=pb.GenerateStats(
             prompt_tokens=len(tokens),
             completion_tokens=produced,
-            time_to_first_token_ms=(first_at - received) * 1000 if produced else 0.0,
-            decode_tokens_per_second=(produced - 1) / decode_seconds if decode_seconds else 0.0,
+            time_to_first_token_ms=(first_at - received) * 1000 if new else 0.0,
+            decode_tokens_per_second=(new - 1) / decode_seconds if decode_seconds else 0.0,
             finish_reason=finish,
             total_seconds=done - received,
         )

@@ -8,14 +8,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator
 
 import grpc
 
 from hsmdif.proto import hsmdif_pb2 as pb
+from hsmdifd.cluster.root_leases import Held
 from hsmdifd.cluster.view import Cluster
 from hsmdifd.daemon.config import Config
 from hsmdifd.daemon.errors import RequestError
+from hsmdifd.engine import resume
+from hsmdifd.engine.resume import Answer
 from hsmdifd.engine.supervisor import Engine, check_prompt_size, finish, prompt_bytes
 from hsmdifd.placement import planner
 from hsmdifd.placement.lifecycle import Action, Loaded, Wanted, after_change, moves
@@ -113,31 +117,78 @@ class Models:
         try:
             async with self._lock:
                 self._cancel_idle_timer()
-                if self._engine.state != pb.READY:
+                path = request.model_path  # a continuation begun on a root that was lost
+                if self._engine.state != pb.READY or (path and path != self._engine.info.path):
                     wanted = self._placer.wanted
                     again = wanted.request if wanted else pb.LoadRequest()
+                    if path:
+                        again = pb.LoadRequest(model_path=path, max_seq_len=request.context_length)
                     places = self._placer.place(again, chosen=False)
-                    async with contextlib.aclosing(places) as events:
-                        async for load_event in events:
-                            if load_event.HasField("progress"):
-                                yield pb.GenerateEvent(loading=load_event.progress)
+                    try:
+                        async with contextlib.aclosing(places) as events:
+                            async for load_event in events:
+                                if load_event.HasField("progress"):
+                                    yield pb.GenerateEvent(loading=load_event.progress)
+                    except RequestError as e:
+                        if path and e.code == grpc.StatusCode.NOT_FOUND:
+                            here = self._cluster.identity.name
+                            raise RequestError(e.code, resume.no_file_here(here, path, e)) from e
+                        raise
                 check_prompt_size(prompt_bytes(request), self._engine.n_ctx)
                 if request.max_tokens == 0:
                     request.max_tokens = self._config.model.max_tokens
-                loaded = self._placer.loaded
-                leases = loaded.leases if loaded else ()
-                try:
-                    async with contextlib.aclosing(self._engine.generate(request)) as events:
-                        async for event in events:
-                            yield event
-                except RequestError as e:
-                    error = await name_lost_worker(e, leases, self._cluster)
-                    if self._engine.state != pb.READY:  # FAILED says why until the next load
-                        await finish(self._placer.forget())
-                    raise error from e
+                answer = Answer(request, time.monotonic(), list(request.produced_tokens))
+                while True:
+                    loaded = self._placer.loaded
+                    leases = loaded.leases if loaded else ()
+                    try:
+                        answering = self._engine.generate(answer.next_request())
+                        async with contextlib.aclosing(answering) as stream:
+                            async for event in stream:
+                                for out in answer.see(event, time.monotonic()):
+                                    yield out
+                        return
+                    except RequestError as e:
+                        await self._resume(answer, e, leases)
         finally:
             self.in_flight -= 1
             self._arm_idle_timer()
+
+    async def _resume(self, answer: Answer, error: RequestError, leases: tuple[Held, ...]) -> None:
+        """The answer in flight failed with `error`: when a device holding layers was
+        lost, place the model again over the devices left, ready to go on; else, or
+        when it cannot go on, raise the error that ends the answer."""
+        lost_at = time.monotonic()
+        if error.code == grpc.StatusCode.ABORTED:  # the engine died or was ended
+            self._engine.prepare()  # the next one starts while the loss is looked into
+        try:
+            error = await name_lost_worker(error, leases, self._cluster)
+            if self._engine.state == pb.READY:
+                raise error  # the engine refused the request: nothing was lost
+            await finish(self._placer.forget())  # FAILED says why until the next load
+            planned = {d.node_id for d in self._cluster.capacities()}
+            lost = [h.name for h in leases if h.node_id not in planned]
+            if not lost:
+                raise error
+            if not answer.may_resume():
+                raise RequestError(error.code, resume.gave_up(lost, answer.resumes)) from error
+        except BaseException:
+            await self._engine.discard_spare()
+            raise
+        answer.lost(lost_at)
+        log.warning("%s mid-answer: placing the model again to go on", resume.lost_sentence(lost))
+        wanted = self._placer.wanted
+        again = wanted.request if wanted else pb.LoadRequest()
+        try:
+            async with contextlib.aclosing(self._placer.place(again, chosen=False)) as events:
+                async for _ in events:
+                    pass
+        except RequestError as e:
+            await self._engine.discard_spare()  # the plan failed before the engine was asked
+            raise RequestError(e.code, resume.cannot_hold(lost, str(e))) from e
+        placed = self._placer.loaded
+        on = [s.device.name for s in placed.plan.shares] if placed else []
+        answer.resuming(lost, on)
 
     def _busy(self) -> bool:
         return self.in_flight > 0 or self._lock.locked()
@@ -268,6 +319,7 @@ class Models:
 
     async def close(self) -> None:
         self._cancel_idle_timer()
+        await self._engine.discard_spare()
         self._engine.on_death = None
         for task in self._background:
             task.cancel()

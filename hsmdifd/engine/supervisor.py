@@ -190,6 +190,7 @@ class Engine:
         self._child: _Child | None = None
         self._candidate: _Child | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._spare: asyncio.Task[_Child] | None = None  # started ahead of a load
         self._info = pb.ModelInfo(state=pb.IDLE)
         self.on_death: Callable[[], None] | None = None
         """Called when the serving child dies by itself (crash, abort, OOM kill)."""
@@ -260,11 +261,30 @@ class Engine:
             raise error from e
         yield pb.LoadEvent(loaded=self.info)
 
+    def _next_socket(self) -> Path:
+        return self._socket_path.with_name(f"{self._socket_path.stem}-{next(_serial)}.sock")
+
+    def prepare(self) -> None:
+        """Start an engine process now for the load that follows (an answer that goes on
+        after a lost device): its start overlaps the leasing."""
+        if self._spare is None:
+            self._spare = asyncio.ensure_future(_Child.start(self._next_socket()))
+
+    async def discard_spare(self) -> None:
+        """End the process prepare() started, when no load follows after all."""
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            with contextlib.suppress(RequestError):
+                await (await finish(spare)).stop()
+
     async def _start_candidate(self) -> _Child:
-        child = self._candidate = await _Child.start(
-            self._socket_path.with_name(f"{self._socket_path.stem}-{next(_serial)}.sock")
-        )
-        return child
+        spare, self._spare = self._spare, None
+        child = None
+        if spare is not None:
+            with contextlib.suppress(RequestError):
+                child = await spare
+        self._candidate = child or await _Child.start(self._next_socket())
+        return self._candidate
 
     async def _swap_in(self, child: _Child, spec: LoadSpec, loaded: pb.ModelInfo) -> None:
         old = self._child
