@@ -30,8 +30,8 @@ from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
 from hsmdifd.daemon.children import exit_when_parent_goes, first_to_go_when_memory_runs_out
 from hsmdifd.daemon.timing import STREAM_INTERVAL
 from hsmdifd.engine.prefill import prefill
+from hsmdifd.engine.prompts import PROMPT_BYTES_PER_TOKEN, prompt_bytes
 from hsmdifd.engine.resume import resume_seed
-from hsmdifd.engine.supervisor import PROMPT_BYTES_PER_TOKEN, prompt_bytes
 from hsmdifd.engine.text import TextStream
 
 log = logging.getLogger("hsmdifd.engine.supervisor")

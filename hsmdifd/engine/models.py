@@ -19,8 +19,9 @@ from hsmdifd.cluster.view import Cluster
 from hsmdifd.daemon.config import Config
 from hsmdifd.daemon.errors import RequestError
 from hsmdifd.engine import resume
+from hsmdifd.engine.prompts import check_prompt_size, prompt_bytes
 from hsmdifd.engine.resume import Answer
-from hsmdifd.engine.supervisor import Engine, check_prompt_size, finish, prompt_bytes
+from hsmdifd.engine.supervisor import Engine, finish
 from hsmdifd.placement import planner
 from hsmdifd.placement.lifecycle import Action, Loaded, Wanted, after_change, moves
 from hsmdifd.placement.placer import Placer, name_lost_worker, plan_to_pb

@@ -12,19 +12,17 @@ import contextlib
 import itertools
 import logging
 import os
-import signal
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import grpc
-import psutil
 
 from hsmdif.proto import hsmdif_pb2 as pb
-from hsmdif.proto import hsmdif_pb2_grpc as pb_grpc
-from hsmdifd.daemon.children import sigkill_cause, start_child, stop_child
 from hsmdifd.daemon.errors import RequestError
+from hsmdifd.engine.process import EngineProcess, describe_exit
+from hsmdifd.engine.prompts import base_model_request
 from hsmdifd.placement.gguf_model import ModelShape
 from hsmdifd.placement.planner import Plan
 
@@ -32,13 +30,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _serial = itertools.count()
-
-PROMPT_BYTES_PER_TOKEN = 16
-"""Prompt bytes allowed per token of context, checked before tokenizing. English text
-averages about 4 bytes a token and code about 3; 16 leaves room for long tokens (runs
-of spaces, long words) so that no prompt that could fit is refused, while the
-tokenizer, which is quadratic on a long run without spaces, never sees more than a
-full context's worth of text."""
 
 
 async def finish(step: Awaitable[T]) -> T:
@@ -60,25 +51,6 @@ async def finish(step: Awaitable[T]) -> T:
     return task.result()
 
 
-def prompt_bytes(request: pb.GenerateRequest) -> int:
-    """The size of a prompt's text, before the chat template adds its few bytes."""
-    if request.raw:
-        return len(request.prompt.encode())
-    return sum(len(m.content.encode()) for m in request.messages)
-
-
-def check_prompt_size(size: int, n_ctx: int) -> None:
-    """Refuse a prompt of `size` bytes that cannot fit a context of `n_ctx` tokens."""
-    limit = n_ctx * PROMPT_BYTES_PER_TOKEN
-    if size > limit:
-        raise RequestError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"the prompt is {size} bytes but the model is loaded with a context of {n_ctx} "
-            f"tokens, which takes at most {limit} bytes ({PROMPT_BYTES_PER_TOKEN} a token); "
-            "shorten the prompt or load the model with a larger --max-seq-len",
-        )
-
-
 @dataclass(frozen=True)
 class LoadSpec:
     """What to load: a checked model, how to run it, and where its layers go."""
@@ -94,86 +66,11 @@ class LoadSpec:
         return self.plan.total_bytes
 
 
-class _Child:
-    """One running engine process and the channel to it."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, socket_path: Path) -> None:
-        self.proc = proc
-        self.socket_path = socket_path
-        self.channel = grpc.aio.insecure_channel(f"unix:{socket_path}")
-        self.stub = pb_grpc.EngineStub(self.channel)
-        self.abandoned = ""  # why the daemon ended it mid-request, if it did
-
-    @classmethod
-    async def start(cls, socket_path: Path) -> _Child:
-        socket_path.unlink(missing_ok=True)
-        proc = await start_child("hsmdifd.engine.child", "--socket", str(socket_path))
-        if proc is None:
-            raise RequestError(
-                grpc.StatusCode.UNAVAILABLE,
-                "the engine process did not start; see the daemon's log",
-            )
-        return cls(proc, socket_path)
-
-    def private_bytes(self) -> int:
-        """Resident memory that ending the child gives back: its RSS less file-backed
-        pages (the mapped model file stays in the page cache, and may be charged to
-        whoever read it first)."""
-        try:
-            info = psutil.Process(self.proc.pid).memory_info()
-        except psutil.Error:
-            return 0
-        return max(0, int(info.rss) - int(getattr(info, "shared", 0)))
-
-    async def stop(self) -> None:
-        await self.channel.close(None)
-        await stop_child(self.proc)
-        self.socket_path.unlink(missing_ok=True)
-
-
-def describe_exit(returncode: int | None) -> str:
-    if returncode is None:
-        return "still running"
-    if returncode < 0:
-        name = signal.Signals(-returncode).name
-        hint = sigkill_cause() if name == "SIGKILL" else ""
-        return f"killed by {name}{hint}"
-    return f"exit status {returncode}"
-
-
 def _cancelled_itself() -> bool:
     """Whether the running task is being cancelled (its client went away), rather than
     waiting on a call whose channel was closed under it."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
-
-
-def base_model_request(request: pb.GenerateRequest, name: str) -> tuple[pb.GenerateRequest, str]:
-    """How a model without a chat template of its own (a base model) takes `request`,
-    and the sentence that says so: a prompt is completed as written; a conversation
-    still goes through chat turns, which such a model follows poorly."""
-    prompt = request.raw or (
-        request.complete_if_base
-        and len(request.messages) == 1
-        and request.messages[0].role == "user"
-    )
-    if not prompt:
-        return request, (
-            f"{name} is not instruction-tuned (its file has no chat template): the "
-            "conversation is put in chat turns it was not trained on, so answers may read "
-            "poorly; for such a model, a prompt to complete works better"
-        )
-    if not request.raw:
-        as_written = pb.GenerateRequest()
-        as_written.CopyFrom(request)
-        as_written.ClearField("messages")
-        as_written.prompt = request.messages[0].content
-        as_written.raw = True
-        request = as_written
-    return request, (
-        f"{name} is not instruction-tuned (its file has no chat template): it continues "
-        "the prompt as written rather than answering it"
-    )
 
 
 class Engine:
@@ -187,10 +84,10 @@ class Engine:
 
     def __init__(self, socket_path: Path) -> None:
         self._socket_path = socket_path
-        self._child: _Child | None = None
-        self._candidate: _Child | None = None
+        self._child: EngineProcess | None = None
+        self._candidate: EngineProcess | None = None
         self._watch: asyncio.Task[None] | None = None
-        self._spare: asyncio.Task[_Child] | None = None  # started ahead of a load
+        self._spare: asyncio.Task[EngineProcess] | None = None  # started ahead of a load
         self._info = pb.ModelInfo(state=pb.IDLE)
         self.on_death: Callable[[], None] | None = None
         """Called when the serving child dies by itself (crash, abort, OOM kill)."""
@@ -268,7 +165,7 @@ class Engine:
         """Start an engine process now for the load that follows (an answer that goes on
         after a lost device): its start overlaps the leasing."""
         if self._spare is None:
-            self._spare = asyncio.ensure_future(_Child.start(self._next_socket()))
+            self._spare = asyncio.ensure_future(EngineProcess.start(self._next_socket()))
 
     async def discard_spare(self) -> None:
         """End the process prepare() started, when no load follows after all."""
@@ -277,16 +174,16 @@ class Engine:
             with contextlib.suppress(RequestError):
                 await (await finish(spare)).stop()
 
-    async def _start_candidate(self) -> _Child:
+    async def _start_candidate(self) -> EngineProcess:
         spare, self._spare = self._spare, None
         child = None
         if spare is not None:
             with contextlib.suppress(RequestError):
                 child = await spare
-        self._candidate = child or await _Child.start(self._next_socket())
+        self._candidate = child or await EngineProcess.start(self._next_socket())
         return self._candidate
 
-    async def _swap_in(self, child: _Child, spec: LoadSpec, loaded: pb.ModelInfo) -> None:
+    async def _swap_in(self, child: EngineProcess, spec: LoadSpec, loaded: pb.ModelInfo) -> None:
         old = self._child
         self._stop_watch()
         self._child, self._candidate = child, None
@@ -309,7 +206,9 @@ class Engine:
                 self._info.state = pb.FAILED
                 self._info.error = str(error)
 
-    async def _load_failed(self, error: BaseException, child: _Child | None) -> BaseException:
+    async def _load_failed(
+        self, error: BaseException, child: EngineProcess | None
+    ) -> BaseException:
         error = await self._failed_child_error(error, "loading", child)
         await self._drop_candidate(error)
         return error
@@ -349,7 +248,7 @@ class Engine:
             await child.stop()
 
     async def _failed_child_error(
-        self, error: BaseException, doing: str, child: _Child | None
+        self, error: BaseException, doing: str, child: EngineProcess | None
     ) -> BaseException:
         """Turn an error from the child's channel into a sentence for the user.
 
@@ -380,7 +279,7 @@ class Engine:
             code = grpc.StatusCode.ABORTED  # the client did not cancel: never pass that on
         return RequestError(code, details)
 
-    async def _watch_child(self, child: _Child) -> None:
+    async def _watch_child(self, child: EngineProcess) -> None:
         returncode = await child.proc.wait()
         if self._child is child:
             reason = describe_exit(returncode)
