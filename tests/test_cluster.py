@@ -79,6 +79,12 @@ def status_of(d: Daemon) -> dict[str, Any]:
     return result
 
 
+def root_queue(d: Daemon) -> tuple[int, int, int]:
+    """The root's answers in flight, requests waiting and bound, as `d`'s status says."""
+    s = status_of(d)
+    return s["in_flight"], s["queued"], s["max_queue"]
+
+
 def view(d: Daemon) -> dict[str, Any]:
     """What one daemon says: its status and its device list."""
     devices = d.ctl("--json", "devices", timeout=30)
@@ -333,15 +339,19 @@ def test_no_takeover_while_the_root_is_generating(nodes: Nodes, short_dir: Path)
         daemons, root, (other,) = start_agreeing(nodes, cluster)
         root_name = root.dir.name
         assert root.ctl("load", "--max-seq-len", "2048").returncode == 0
-        answer = other.ctl_popen(
-            "prompt",
-            "once",
-            "--raw",
-            "--max-tokens",
-            "2000",
-            "--temperature",
-            "0",
+        long_answer = ("prompt", "once", "--raw", "--max-tokens", "2000", "--temperature", "0")
+        # The follower's status shows the root's queue: one answering, one waiting.
+        first = other.ctl_popen(*long_answer)
+        assert first.stdout is not None
+        first.stdout.read(1)
+        second = other.ctl_popen("prompt", "twice", "--raw", "--max-tokens", "3")
+        wait_until(
+            lambda: root_queue(other) == (1, 1, 64), 5, "the follower to show the root's queue"
         )
+        for ended in (first, second):
+            _, err = ended.communicate(timeout=120)
+            assert ended.returncode == 0, err
+        answer = other.ctl_popen(*long_answer)
         assert answer.stdout is not None
         answer.stdout.read(1)  # the answer is streaming from the root
         assert other.ctl("devices", "--priority", other.dir.name).returncode == 0

@@ -909,6 +909,8 @@ class PeerStatus(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     DUPLICATE_OF_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    MAX_QUEUE_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     generating: _builtins.bool
     """a generation is in flight here"""
@@ -916,6 +918,10 @@ class PeerStatus(_message.Message):
     """unix time the daemon started (duplicate ids: the newer refuses)"""
     duplicate_of: _builtins.str
     """set when this device refuses to join: its id is taken"""
+    queued: _builtins.int
+    """requests waiting here for the engine (a root's queue)"""
+    max_queue: _builtins.int
+    """how many may wait here"""
     @_builtins.property
     def device(self) -> Global___DeviceProfile: ...
     @_builtins.property
@@ -937,10 +943,12 @@ class PeerStatus(_message.Message):
         started_at: _builtins.float = ...,
         model: Global___ModelInfo | None = ...,
         duplicate_of: _builtins.str = ...,
+        queued: _builtins.int = ...,
+        max_queue: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "epoch", b"epoch", "model", b"model", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "duplicate_of", b"duplicate_of", "epoch", b"epoch", "generating", b"generating", "model", b"model", "policy", b"policy", "protocol_version", b"protocol_version", "started_at", b"started_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "duplicate_of", b"duplicate_of", "epoch", b"epoch", "generating", b"generating", "max_queue", b"max_queue", "model", b"model", "policy", b"policy", "protocol_version", b"protocol_version", "queued", b"queued", "started_at", b"started_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -60,7 +60,9 @@ class Router:
         if self.here:
             return self.queue.waiting, self.queue.running, self.queue.max_waiting
         status = self._cluster.root_status()
-        return (0, int(status.generating), 0) if status else (0, 0, 0)
+        if status is None:
+            return 0, 0, 0
+        return status.queued, int(status.generating), status.max_queue
 
     def generating(self) -> bool:
         """Whether the root has an answer in flight."""

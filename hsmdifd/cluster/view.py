@@ -53,9 +53,11 @@ class Cluster:
         *,
         busy: Callable[[], bool],
         model: Callable[[], pb.ModelInfo],
+        waiting: Callable[[], tuple[int, int]] = lambda: (0, 0),
         declared: dict[str, pb.DeviceProfile] | None = None,
         credentials: tls.DeviceCredentials | None = None,
     ) -> None:
+        """`waiting()`: requests waiting here for the engine, and how many may wait."""
         self._tls = credentials
         self.unreachable_ids: set[str] = set()  # RPC gone, not heard from since
         self._config = config
@@ -63,6 +65,7 @@ class Cluster:
         self._secret = secret
         self._busy = busy
         self._model = model
+        self._waiting = waiting
         self._declared = declared or {}
         self._policy_path = config.state_dir / "policy.json"
         self.policy = load_policy(self._policy_path)
@@ -126,6 +129,7 @@ class Cluster:
     def local_status(self) -> pb.PeerStatus:
         device = pb.DeviceProfile()
         device.CopyFrom(self.device)
+        queued, max_queue = self._waiting()
         return pb.PeerStatus(
             protocol_version=PROTOCOL_VERSION,
             device=device,
@@ -135,6 +139,8 @@ class Cluster:
             started_at=self.started_at,
             model=self._model(),
             duplicate_of=self.membership.duplicate_of if self.membership else "",
+            queued=queued,
+            max_queue=max_queue,
         )
 
     # ---- members, policy and the root ---------------------------------------------

@@ -90,12 +90,14 @@ class Daemon:
         credentials = None
         if secret is not None:
             credentials = await components.device_credentials(config, identity.node_id, secret)
+        queue = RequestQueue(config.api.max_queue)
         cluster = self.cluster = Cluster(
             config,
             identity,
             secret,
             busy=lambda: models.in_flight > 0,
             model=lambda: models.info,
+            waiting=lambda: (queue.waiting, queue.max_waiting),
             declared=declared,
             credentials=credentials,
         )
@@ -108,7 +110,7 @@ class Daemon:
         models = self._models = Models(config, engine, cluster)
         stack.push_async_callback(models.close)  # ends the engine and the leases it holds
         cluster.set_device(await asyncio.to_thread(self.device_profile))
-        router = self._router = Router(cluster, models, RequestQueue(config.api.max_queue))
+        router = self._router = Router(cluster, models, queue)
         if secret is not None and credentials is not None and leases is not None:
             service = PeerService(cluster, models, leases, secret, router)
             self._servers.append(
