@@ -340,6 +340,29 @@ def test_a_lost_root_hands_the_answer_to_the_next(four: tuple[Cluster, list[Daem
     back(daemons, root)
 
 
+def test_a_lost_root_whose_model_file_the_next_lacks_ends_with_a_sentence(
+    four: tuple[Cluster, list[Daemon]], big_model: Path
+) -> None:
+    """The same, when the root elected next has no file at the model's path (here the
+    file is moved away once the model is loaded): the answer ends with a sentence that
+    names the new root and the path, and the daemons stay up."""
+    _, daemons = four
+    root = root_of(daemons)
+    asker = next(d for d in daemons if d is not root)
+    aside = big_model.with_name(big_model.name + ".aside")
+    big_model.rename(aside)
+    try:
+        code, _, err, _ = ctl_losing(asker, lambda: kill_with_children(root))
+        new_root = view(asker)["status"]["root"]
+    finally:
+        aside.rename(big_model)
+    assert code == 1, err
+    assert f"cannot go on on {new_root}, the new root" in err, err
+    assert f"no model file {big_model}" in err, err
+    assert up(daemons, root)
+    back(daemons, root)
+
+
 def test_devices_left_too_small_end_the_answer_within_5_s(
     four: tuple[Cluster, list[Daemon]],
 ) -> None:
