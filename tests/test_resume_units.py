@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 
 from hsmdif.proto import hsmdif_pb2 as pb
 from hsmdifctl import render
+from hsmdifd.daemon.timing import PREFILL_CHUNK
 from hsmdifd.engine import resume
-from hsmdifd.engine.prefill import MIN_CHUNK, PREFILL_SECONDS, next_chunk
+from hsmdifd.engine.prefill import MIN_CHUNK, next_chunk
 from hsmdifd.engine.resume import Answer
 from hsmdifd.engine.text import TextStream
 
@@ -135,7 +136,7 @@ def test_a_prefill_grows_its_chunks_to_what_an_evaluation_costs(
 ) -> None:
     """Evaluations costing `fixed` + `per_token` a token (the first one faster by
     `noise`, as a warm cache may make it): the chunks settle where one takes about
-    PREFILL_SECONDS, or about twice the fixed cost when that is longer, and never fall
+    PREFILL_CHUNK, or about twice the fixed cost when that is longer, and never fall
     below MIN_CHUNK tokens."""
     chunk, fastest = MIN_CHUNK, float("inf")
     for i in range(40):
@@ -144,7 +145,7 @@ def test_a_prefill_grows_its_chunks_to_what_an_evaluation_costs(
         chunk = next_chunk(chunk, elapsed, fastest, 512)
         assert MIN_CHUNK <= chunk <= 512
     took = fixed + per_token * chunk
-    assert took <= max(PREFILL_SECONDS, 2 * (fixed + per_token * MIN_CHUNK)) * 1.1 or (
+    assert took <= max(PREFILL_CHUNK, 2 * (fixed + per_token * MIN_CHUNK)) * 1.1 or (
         chunk == MIN_CHUNK
     )
     if noise == 0 and per_token * MIN_CHUNK < fixed / 4:  # the fixed cost dominates

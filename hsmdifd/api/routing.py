@@ -27,9 +27,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-NEW_ROOT_SECONDS = 15.0
-"""How long an answer whose root was lost waits for the devices left to choose another."""
-
 
 class Router:
     """Model requests, answered by the root wherever it is."""
@@ -118,7 +115,7 @@ class Router:
 
     async def _next_root(self, lost: str) -> bool:
         """Wait for a root other than `lost`; False when none comes in time."""
-        deadline = time.monotonic() + NEW_ROOT_SECONDS
+        deadline = time.monotonic() + timing.NEW_ROOT
         while time.monotonic() < deadline:
             root = self._cluster.root_id
             if root != lost and (self.here or self._cluster.root_status() is not None):

@@ -67,9 +67,16 @@ SPEED_BENCHMARK = 0.3
 """Seconds the memory-bandwidth benchmark runs (its best repetition counts)."""
 
 # Generation.
+PREFILL_CHUNK = 0.03
+"""Seconds of prompt evaluation between two looks at whether the request was cancelled:
+a cancelled request frees the engine well within 100 ms at any stage (or within two
+evaluations of one token, for a model that takes longer than that for one)."""
 STREAM_INTERVAL = 0.05
 """Seconds an answer's text is gathered before it is passed on (the first piece goes at
 once): a message per 50 ms instead of one per token through every hop, 20 updates a
 second on the screen."""
+NEW_ROOT = 15.0
+"""Seconds an answer whose root was lost waits for the devices left to choose another
+before it ends with the error."""
 METRICS_WATCH = 0.5
 """Seconds between looks for root changes and engine failures, for /metrics."""

@@ -8,13 +8,9 @@ import threading
 import time
 from typing import Any
 
+from hsmdifd.daemon import timing
+
 log = logging.getLogger("hsmdifd.engine.supervisor")
-
-
-PREFILL_SECONDS = 0.03
-"""Seconds of prompt evaluation between two looks at whether the request was cancelled:
-a cancelled request frees the engine well within 100 ms at any stage (or within two
-evaluations of one token, for a model that takes longer than that for one)."""
 
 
 MIN_CHUNK = 8
@@ -24,11 +20,11 @@ a split model takes about as long for 8 tokens as for 1."""
 
 def next_chunk(chunk: int, elapsed: float, fastest: float, n_batch: int) -> int:
     """The next prefill chunk after one of `chunk` tokens took `elapsed` seconds, the
-    fastest full chunk so far having taken `fastest`: sized to take PREFILL_SECONDS, or
+    fastest full chunk so far having taken `fastest`: sized to take timing.PREFILL_CHUNK, or
     twice the fastest when that is longer (a split model spends most of an evaluation
     on reading its weights and on round trips, whatever the number of tokens: one token
     at a time would take as long per token as decoding)."""
-    budget = max(PREFILL_SECONDS, 2 * fastest)
+    budget = max(timing.PREFILL_CHUNK, 2 * fastest)
     return max(MIN_CHUNK, min(n_batch, int(chunk * budget / max(elapsed, 1e-6))))
 
 
