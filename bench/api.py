@@ -1,9 +1,11 @@
-"""The HTTP API: streamed /v1/completions versus `hsmdifctl prompt --raw` (the same raw
-text) and streamed /v1/chat/completions versus `hsmdifctl chat` (the same user turn, so
-the same chat template and the same prompt tokens), same daemon, same model (the
-bundled Gemma 3 270M), greedy, run alternately in one process run (medians); then 1,
-2, 4 and 8 concurrent streams: aggregate tokens/s and p50/p99 time to first token,
-which shows the queue. Prints tables and merges `api` into bench/results.json.
+"""The HTTP API: streamed /v1/completions versus `hsmdifctl prompt --raw` (raw text) and
+streamed /v1/chat/completions versus `hsmdifctl chat` (one user turn, through the same
+chat template), same daemon, same model (the bundled Gemma 3 270M), greedy, run
+alternately in one process run (medians). Each pair has its prompt, and a raw prompt
+always follows a chat turn, so that no request finds its start in the engine's KV
+cache (the first token aside); then 1, 2, 4
+and 8 concurrent streams: aggregate tokens/s and p50/p99 time to first token, which
+shows the queue. Prints tables and merges `api` into bench/results.json.
 
     python -m bench.api [--reps N] [--tokens N] [--threads N] [--quick]
 """
@@ -63,7 +65,7 @@ def start_daemon(directory: Path, threads: int, port: int) -> subprocess.Popen[b
     return proc
 
 
-def stream(port: int, path: str, tokens: int) -> tuple[float, float, int]:
+def stream(port: int, path: str, tokens: int, prompt: str = PROMPT) -> tuple[float, float, int]:
     """(time to first token in ms, decode tokens/s, tokens) of one streamed request,
     timed here at the client as hsmdifctl times itself."""
     body: dict[str, Any] = {
@@ -74,9 +76,9 @@ def stream(port: int, path: str, tokens: int) -> tuple[float, float, int]:
         "stream_options": {"include_usage": True},
     }
     if path.endswith("chat/completions"):
-        body["messages"] = [{"role": "user", "content": PROMPT}]
+        body["messages"] = [{"role": "user", "content": prompt}]
     else:
-        body["prompt"] = PROMPT
+        body["prompt"] = prompt
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     started = time.perf_counter()
     conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
@@ -107,7 +109,7 @@ STATS_LINE = re.compile(
 )
 
 
-def run_chat(sock: Path, tokens: int) -> tuple[float, float]:
+def run_chat(sock: Path, tokens: int, prompt: str) -> tuple[float, float]:
     """(time to first token in ms, decode tokens/s) of one `hsmdifctl chat` turn, timed
     by hsmdifctl at the client (its closing line on stderr)."""
     result = subprocess.run(
@@ -115,7 +117,7 @@ def run_chat(sock: Path, tokens: int) -> tuple[float, float]:
             *(sys.executable, "-m", "hsmdifctl", "--socket", str(sock), "chat"),
             *("--temperature", "0", "--max-tokens", str(tokens)),
         ],
-        input=PROMPT + "\n",
+        input=prompt + "\n",
         capture_output=True,
         text=True,
         check=True,
@@ -172,11 +174,15 @@ def main() -> None:
         try:
             run_hsmdif(sock, 8)  # warm up
             stream(port, "/v1/chat/completions", 8)
-            for _ in range(args.reps):
-                side["cli"].append(run_hsmdif(sock, args.tokens))
-                side["cli_chat"].append(run_chat(sock, args.tokens))
-                side["chat"].append(stream(port, "/v1/chat/completions", args.tokens)[:2])
-                side["completions"].append(stream(port, "/v1/completions", args.tokens)[:2])
+            for rep in range(args.reps):
+                # A pair (hsmdifctl, HTTP) has one prompt, so one answer; a raw prompt
+                # always follows a chat turn and the other way round, so no request
+                # finds more than the first token of its prompt in the engine's KV cache.
+                raw, turn = f"Story {2 * rep}. {PROMPT}", f"Story {2 * rep + 1}. {PROMPT}"
+                side["cli"].append(run_hsmdif(sock, args.tokens, raw))
+                side["cli_chat"].append(run_chat(sock, args.tokens, turn))
+                side["completions"].append(stream(port, "/v1/completions", args.tokens, raw)[:2])
+                side["chat"].append(stream(port, "/v1/chat/completions", args.tokens, turn)[:2])
             for _ in range(max(1, args.reps // 2)):
                 for n in LEVELS:
                     rate, ttfts = concurrent(port, n, args.tokens)

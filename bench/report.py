@@ -453,10 +453,11 @@ def api_text(a: dict[str, Any]) -> str:
     return (
         f"{a['model']}, {a['threads']} threads, {a['tokens']} tokens, {a['reps']} runs each, "
         "greedy, timed at the client, each HTTP path against the hsmdifctl command that "
-        "sends the same prompt: /v1/completions against hsmdifctl prompt --raw (the same "
-        "raw text), /v1/chat/completions against hsmdifctl chat (the same user turn through "
-        "the same chat template). Concurrent streams wait in the root's one queue: TTFT "
-        "grows with the streams ahead.\n\n" + "\n".join(rows)
+        "sends the same kind of prompt: /v1/completions against hsmdifctl prompt --raw (raw "
+        "text), /v1/chat/completions against hsmdifctl chat (one user turn through the same "
+        "chat template), a pair with one prompt; a raw prompt always follows a chat turn, so "
+        "no request finds its start in the engine's KV cache. Concurrent streams wait in "
+        "the root's one queue: TTFT grows with the streams ahead.\n\n" + "\n".join(rows)
     )
 
 

@@ -42,7 +42,7 @@ def run_direct(llm: Any, tokens: int) -> tuple[float, float]:
     return timing["ttft_ms"], timing["tokens_per_s"]
 
 
-def run_hsmdif(socket: Path, tokens: int) -> tuple[float, float]:
+def run_hsmdif(socket: Path, tokens: int, prompt: str = PROMPT) -> tuple[float, float]:
     """The same through `hsmdifctl prompt`, timed by hsmdifctl at the client."""
     result = subprocess.run(
         [
@@ -52,7 +52,7 @@ def run_hsmdif(socket: Path, tokens: int) -> tuple[float, float]:
             "--socket",
             str(socket),
             "prompt",
-            PROMPT,
+            prompt,
             "--raw",
             "--json",
             "--temperature",
