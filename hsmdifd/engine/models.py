@@ -14,17 +14,17 @@ from collections.abc import AsyncGenerator
 import grpc
 
 from hsmdif.proto import hsmdif_pb2 as pb
-from hsmdifd.cluster.root_leases import Held
 from hsmdifd.cluster.view import Cluster
 from hsmdifd.daemon.config import Config
 from hsmdifd.daemon.errors import RequestError
 from hsmdifd.engine import resume
+from hsmdifd.engine.place_again import place_again
 from hsmdifd.engine.prompts import check_prompt_size, prompt_bytes
 from hsmdifd.engine.resume import Answer
 from hsmdifd.engine.supervisor import Engine, finish
 from hsmdifd.placement import planner
 from hsmdifd.placement.lifecycle import Action, Loaded, Wanted, after_change, moves
-from hsmdifd.placement.placer import Placer, name_lost_worker, plan_to_pb
+from hsmdifd.placement.placer import Placer, plan_to_pb
 
 log = logging.getLogger(__name__)
 
@@ -150,46 +150,17 @@ class Models:
                                     yield out
                         return
                     except RequestError as e:
-                        await self._resume(answer, e, leases)
+                        await place_again(
+                            answer,
+                            e,
+                            leases,
+                            engine=self._engine,
+                            placer=self._placer,
+                            cluster=self._cluster,
+                        )
         finally:
             self.in_flight -= 1
             self._arm_idle_timer()
-
-    async def _resume(self, answer: Answer, error: RequestError, leases: tuple[Held, ...]) -> None:
-        """The answer in flight failed with `error`: when a device holding layers was
-        lost, place the model again over the devices left, ready to go on; else, or
-        when it cannot go on, raise the error that ends the answer."""
-        lost_at = time.monotonic()
-        if error.code == grpc.StatusCode.ABORTED:  # the engine died or was ended
-            self._engine.prepare()  # the next one starts while the loss is looked into
-        try:
-            error = await name_lost_worker(error, leases, self._cluster)
-            if self._engine.state == pb.READY:
-                raise error  # the engine refused the request: nothing was lost
-            await finish(self._placer.forget())  # FAILED says why until the next load
-            planned = {d.node_id for d in self._cluster.capacities()}
-            lost = [h.name for h in leases if h.node_id not in planned]
-            if not lost:
-                raise error
-            if not answer.may_resume():
-                raise RequestError(error.code, resume.gave_up(lost, answer.resumes)) from error
-        except BaseException:
-            await self._engine.discard_spare()
-            raise
-        answer.lost(lost_at)
-        log.warning("%s mid-answer: placing the model again to go on", resume.lost_sentence(lost))
-        wanted = self._placer.wanted
-        again = wanted.request if wanted else pb.LoadRequest()
-        try:
-            async with contextlib.aclosing(self._placer.place(again, chosen=False)) as events:
-                async for _ in events:
-                    pass
-        except RequestError as e:
-            await self._engine.discard_spare()  # the plan failed before the engine was asked
-            raise RequestError(e.code, resume.cannot_hold(lost, str(e))) from e
-        placed = self._placer.loaded
-        on = [s.device.name for s in placed.plan.shares] if placed else []
-        answer.resuming(lost, on)
 
     def _busy(self) -> bool:
         return self.in_flight > 0 or self._lock.locked()
