@@ -7,7 +7,7 @@ cache (the first token aside); then 1, 2, 4
 and 8 concurrent streams: aggregate tokens/s and p50/p99 time to first token, which
 shows the queue. Prints tables and merges `api` into bench/results.json.
 
-    python -m bench.api [--reps N] [--tokens N] [--threads N] [--quick]
+    python -m bench.api [--reps N] [--tokens N] [--threads N] [--quick] [--no-concurrent]
 """
 
 from __future__ import annotations
@@ -157,6 +157,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--quick", action="store_true", help="3 repetitions of 48 tokens")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file to update")
+    parser.add_argument(
+        "--no-concurrent", action="store_true", help="the side-by-side pairs only, no streams"
+    )
     args = parser.parse_args()
     if args.quick:
         args.reps, args.tokens = 3, 48
@@ -183,7 +186,7 @@ def main() -> None:
                 side["cli_chat"].append(run_chat(sock, args.tokens, turn))
                 side["completions"].append(stream(port, "/v1/completions", args.tokens, raw)[:2])
                 side["chat"].append(stream(port, "/v1/chat/completions", args.tokens, turn)[:2])
-            for _ in range(max(1, args.reps // 2)):
+            for _ in range(0 if args.no_concurrent else max(1, args.reps // 2)):
                 for n in LEVELS:
                     rate, ttfts = concurrent(port, n, args.tokens)
                     levels[n][0].append(rate)
@@ -223,7 +226,7 @@ def main() -> None:
         print(f"{label:<30}{ttft:>10.1f}{tps:>10.2f}{ratio:>14.3f}{diff:>+11.1f}")
     print(f"\n{'streams':<10}{'aggregate tokens/s':>20}{'p50 ttft ms':>14}{'p99 ttft ms':>14}")
     result["concurrent"] = {}
-    for n, (rates, ttfts) in levels.items():
+    for n, (rates, ttfts) in ((n, v) for n, v in levels.items() if v[0]):
         rate = statistics.median(rates)
         p50, p99 = percentile(ttfts, 0.5), percentile(ttfts, 0.99)
         result["concurrent"][str(n)] = {
