@@ -13,7 +13,7 @@ LLAMA_VERSION := 0.3.36
 # build made without -DGGML_RPC=ON.
 CACHE_HOME ?= $(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)
 WHEELS := $(CACHE_HOME)/hsmdif/wheels/llama-cpp-python-$(LLAMA_VERSION)-rpc
-APT_PACKAGES := python3-venv python3-dev build-essential cmake pkg-config libsystemd-dev iproute2 systemd nftables
+APT_PACKAGES := python3-venv python3-dev build-essential cmake pkg-config libsystemd-dev libssl-dev iproute2 systemd nftables
 
 .PHONY: help deps venv demo test check lint types unit proto bench bench-quick bench-smoke clean
 
@@ -37,7 +37,7 @@ deps:
 
 venv: $(VENV)/.ready
 
-$(VENV)/.ready: pyproject.toml | deps
+$(VENV)/.ready: pyproject.toml setup.py hsmdifd/engine/relay/_native.c | deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if ! ls $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1; then \
@@ -153,7 +153,7 @@ install: venv
 	@# From a copy, so that no root-owned build/ or *.egg-info is left in the work tree.
 	src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
 	tar -C $(CURDIR) --exclude=./.venv --exclude=./.git --exclude=./build --exclude='*.egg-info' \
-	  --exclude=__pycache__ --exclude=.mypy_cache --exclude=.ruff_cache --exclude=.pytest_cache \
+	  --exclude=__pycache__ --exclude='*.so' --exclude=.mypy_cache --exclude=.ruff_cache --exclude=.pytest_cache \
 	  -cf - . | tar -C "$$src" -xf - && \
 	$(IPIP) install --root-user-action=ignore "$$src"
 	@$(DESTDIR)$(INSTALL_VENV)/bin/python -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_rpc() else 3)' || { \

@@ -5,7 +5,7 @@
 On loopback, the same process runs a RootRelay and a WorkerRelay, as the root's and
 the worker's daemons each do for one lease; a child process plays llama.cpp on one
 end and the rpc-worker on the other, so that the CPU this process uses is the two
-relays' (TLS both ways, and the thread per direction on each side). It pushes
+relays' (TLS both ways, and the copy loop's thread on each side). It pushes
 `--mb` MB through tls, plain and no relay at all, and times `--pings` round trips of
 64 bytes. The figures of "direct" are the child's own cost, for scale. With
 `--decode`, it also generates `--tokens` tokens with bench.llama_rpc, every layer on

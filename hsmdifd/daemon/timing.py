@@ -53,6 +53,8 @@ RELAY_HANDSHAKE_TIMEOUT = 5.0
 """Seconds a connection to a lease's relay gets to finish TLS and send its token."""
 RELAY_LINGER = 5.0
 """Seconds a relayed connection, closed on one side, waits for the other side's close."""
+ACCEPT_PAUSE = 1.0
+"""Seconds a relay stops accepting after accept() failed (out of descriptors, say)."""
 WATCHDOG_FRACTION = 0.5
 """WATCHDOG=1 is sent at this fraction of WATCHDOG_USEC."""
 RPC_PROBE_TIMEOUT = 0.5

@@ -18,7 +18,7 @@ from hsmdifd.engine.resume import Answer
 from hsmdifd.engine.supervisor import Engine, finish
 from hsmdifd.placement.placer import Placer, name_lost_worker
 
-log = logging.getLogger("hsmdifd.engine.models")
+log = logging.getLogger(__name__)
 
 
 async def place_again(

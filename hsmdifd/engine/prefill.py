@@ -10,7 +10,7 @@ from typing import Any
 
 from hsmdifd.daemon import timing
 
-log = logging.getLogger("hsmdifd.engine.supervisor")
+log = logging.getLogger(__name__)
 
 
 MIN_CHUNK = 8

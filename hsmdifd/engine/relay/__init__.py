@@ -12,9 +12,11 @@ by the lease's 32-byte token as the first bytes. Anything else is closed without
 byte of the RPC server's, and a connection arriving while one is spliced is closed
 at once rather than left in a backlog (unless the root already closed the live one:
 llama.cpp reconnects at once, and the newcomer is admitted, after the same checks,
-when the old one's teardown is done). Bytes are copied by a thread per direction
-(`recv_into`/`sendall`, 256 KiB buffers, the GIL released in the socket calls): no
-Python work per RPC message beyond one read and one write.
+when the old one's teardown is done). The TLS and the copying are native code
+(`_native.c` on the system's OpenSSL, see `secure` and `splice`): one thread per
+connection polls both sockets and moves what is ready, without the GIL and with no
+Python work per RPC message; Python decides only who may connect and when a relay
+closes.
 
 How the root uses it (the integration in `Cluster.acquire_leases` / `Models`): each
 `pb.Lease` reply carries `endpoint` (the worker relay) and `token`. After acquiring
@@ -36,9 +38,9 @@ connection).
 TLS and without the token: the rpc-worker is still reachable only through the relay,
 one connection at a time, but anyone on the LAN can be that connection.
 
-The modules: `splice` (the copy loop and socket helpers), `listen` (the listening
-socket, the mode, refused connections), `worker` (`WorkerRelay`), `root` (`RootRelay`,
-`open_root_relays`).
+The modules: `secure` (the relays' TLS sessions), `splice` (the copy loop and socket
+helpers), `listen` (the listening socket, the mode, refused connections), `worker`
+(`WorkerRelay`), `root` (`RootRelay`, `open_root_relays`); `_native.c` under the first two.
 """
 
 from hsmdifd.engine.relay.listen import DATA_PLANES

@@ -8,10 +8,10 @@ import functools
 import ipaddress
 import logging
 import socket
-import time
 from collections.abc import Callable
 
 from hsmdifd.cluster.tls import DeviceCredentials
+from hsmdifd.daemon import timing
 from hsmdifd.daemon.logs import LogLimiter
 from hsmdifd.engine.relay.splice import nodelay
 
@@ -62,21 +62,6 @@ def is_loopback(peer: object) -> bool:
         return False
 
 
-def recv_exact(sock: socket.socket, size: int, deadline: float) -> bytes:
-    """`size` bytes from `sock` before `deadline` (monotonic); raises otherwise."""
-    data = bytearray()
-    while len(data) < size:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("timed out")
-        sock.settimeout(remaining)
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("closed before the token")
-        data += chunk
-    return bytes(data)
-
-
 class Listener:
     """A listening socket whose connections the asyncio loop accepts (cheap, never blocks)."""
 
@@ -110,7 +95,12 @@ class Listener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # out of descriptors, say: pause rather than spin
-                log.warning("accepting on port %d: %s; pausing for a second", self.port, e)
+                log.warning(
+                    "accepting on port %d: %s; pausing for %.0f s",
+                    self.port,
+                    e,
+                    timing.ACCEPT_PAUSE,
+                )
                 self._pause()
                 return
             try:
@@ -124,7 +114,7 @@ class Listener:
     def _pause(self) -> None:
         if self._sock is not None and self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
-            self._loop.call_later(1.0, self._resume)
+            self._loop.call_later(timing.ACCEPT_PAUSE, self._resume)
 
     def _resume(self) -> None:
         if self._sock is not None and self._loop is not None:

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 from hsmdifd.cluster import tls
 from hsmdifd.daemon import timing
+from hsmdifd.engine.relay import secure
 from hsmdifd.engine.relay.listen import Listener, Refusals, check_mode, is_loopback
-from hsmdifd.engine.relay.splice import Splice, Traffic, half_closable, peer_closed
+from hsmdifd.engine.relay.splice import End, Splice, Traffic, peer_closed, sock_of
 from hsmdifd.engine.relay.splice import nodelay as _nodelay
 from hsmdifd.engine.relay.splice import shutdown as _shutdown
 
@@ -51,7 +52,7 @@ class RootRelay:
         data_plane: str = "tls",
     ) -> None:
         self._creds = check_mode(data_plane, creds)
-        self._context = half_closable(tls.client_context(self._creds)) if self._creds else None
+        self._context = secure.client_context(self._creds) if self._creds else None
         host, _, port = endpoint.rpartition(":")
         if not host or not port.isdecimal():
             raise ValueError(f"relay endpoint {endpoint!r} is not HOST:PORT")
@@ -99,26 +100,21 @@ class RootRelay:
             target=self._carry, args=(local, previous), name="root relay", daemon=True
         ).start()
 
-    def _connect(self) -> socket.socket:
+    def _connect(self) -> End:
         sock = socket.create_connection(self._remote, timing.RPC_CONNECT_TIMEOUT)
         _nodelay(sock)
         if self._context is None:
             return sock
-        sock.settimeout(timing.RELAY_HANDSHAKE_TIMEOUT)
         try:
-            secure = self._context.wrap_socket(sock, server_hostname=tls.TARGET_NAME)
+            session = secure.Session.connect(self._context, sock, timing.RELAY_HANDSHAKE_TIMEOUT)
+            peer = session.peer_node_id()
+            if peer != self._worker:
+                raise PermissionError(f"the relay is node {peer}'s, not {self._worker}'s")
+            session.send_all(self._token, timing.RELAY_HANDSHAKE_TIMEOUT)
         except BaseException:
             sock.close()
             raise
-        try:
-            peer = tls.cert_node_id(secure)
-            if peer != self._worker:
-                raise PermissionError(f"the relay is node {peer}'s, not {self._worker}'s")
-            secure.sendall(self._token)
-        except BaseException:
-            secure.close()
-            raise
-        return secure
+        return session
 
     def _carry(self, local: _Local, previous: _Local | None) -> None:
         try:
@@ -135,10 +131,9 @@ class RootRelay:
                 _shutdown(local.sock)
                 local.sock.close()
                 return
-            upstream.settimeout(None)
             splice = Splice(local.sock, upstream, "relay root", self.traffic)
             with self._lock:
-                local.upstream, local.splice = upstream, splice
+                local.upstream, local.splice = sock_of(upstream), splice
                 closing = self._closing
             splice.start()
             if closing:

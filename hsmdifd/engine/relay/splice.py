@@ -1,12 +1,12 @@
 """The relays' copy loop: two connected sockets copied into each other.
 
-Each direction has a thread of its own that blocks in `recv_into` (the GIL released)
-and writes what it read with one `sendall`: one wake-up per segment that arrives, no
-Python work per RPC message beyond that, nothing polled. A decoded token is about
-seven requests to each worker (llama.cpp writes each in one send or two) and one
-answer: that many wake-ups per relay each way (the counts are in `Traffic`;
-`python -m bench.relay --decode` prints them). The relay passes bytes on as they
-come and knows nothing of llama.cpp's framing.
+One thread per session runs the native loop (`_native.splice`, without the GIL): it
+polls both sockets and moves whatever is ready, TLS records included, in either
+direction. A decoded token is about seven requests to each worker (llama.cpp writes
+each in one send or two) and one answer: each is one wake-up of that thread and a
+read and a write, with no Python in between (the counts are in `Traffic`;
+`python -m bench.relay --decode` prints them). The relay passes bytes on as they come
+and knows nothing of llama.cpp's framing.
 """
 
 from __future__ import annotations
@@ -16,39 +16,46 @@ import ctypes
 import ctypes.util
 import functools
 import socket
-import ssl
 import threading
+from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from hsmdifd.daemon import timing
+from hsmdifd.engine.relay import _native
+from hsmdifd.engine.relay.secure import Session
 
 BUFFER_BYTES = 256 * 1024
-"""Bytes each direction of a splice reads at once."""
+"""Bytes each direction of a splice reads at once (`_native.c` BUFFER_BYTES)."""
 _PR_SET_NAME = 15
 
 
-@dataclass
 class Traffic:
     """What the sessions of one relay carried, per direction: reads and bytes.
 
     "out" is from the side that connected to the relay to the side it connects to
-    (llama.cpp to the worker, at both ends). Each direction's thread alone writes
-    its fields; readers see figures at most one read behind.
+    (llama.cpp to the worker, at both ends). The native loop adds to `cells` as it
+    goes, one session at a time; readers see figures at most one read behind.
     """
 
-    reads_out: int = 0
-    bytes_out: int = 0
-    reads_in: int = 0
-    bytes_in: int = 0
+    def __init__(self) -> None:
+        self.cells = array("Q", [0, 0, 0, 0])
+        """reads out, bytes out, reads in, bytes in."""
 
-    def count(self, outward: bool, n: int) -> None:
-        if outward:
-            self.reads_out += 1
-            self.bytes_out += n
-        else:
-            self.reads_in += 1
-            self.bytes_in += n
+    @property
+    def reads_out(self) -> int:
+        return self.cells[0]
+
+    @property
+    def bytes_out(self) -> int:
+        return self.cells[1]
+
+    @property
+    def reads_in(self) -> int:
+        return self.cells[2]
+
+    @property
+    def bytes_in(self) -> int:
+        return self.cells[3]
 
 
 @functools.cache
@@ -99,98 +106,68 @@ def peer_closed(sock: socket.socket) -> bool:
         return True
 
 
-def half_closable(context: ssl.SSLContext) -> ssl.SSLContext:
-    """Let a TCP FIN end one direction of a relayed TLS connection only.
+End = socket.socket | Session
+"""One side of a splice: a plain socket, or a TLS session over one."""
 
-    A relay cannot send a TLS close_notify while another thread reads the same
-    connection, so it ends its direction by shutting the TCP write half. OpenSSL
-    takes that EOF for a fatal error and answers with an alert that kills the
-    other direction too; with this option it reads it as a close_notify, and TLS
-    1.3 lets the other direction go on. Truncation is harmless here: llama.cpp RPC
-    messages carry their length, so a cut one is seen.
-    """
-    context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
-    return context
+
+def sock_of(end: End) -> socket.socket:
+    """The socket under `end`."""
+    return end.sock if isinstance(end, Session) else end
+
+
+def _parts(end: End) -> tuple[socket.socket, object | None]:
+    return sock_of(end), end.handle if isinstance(end, Session) else None
 
 
 class Splice:
-    """Two connected sockets copied into each other by a thread per direction.
+    """Two connected sockets copied into each other by one thread.
 
     `a` is the side that connected to the relay. A direction ends when its source
-    closes; the end is passed on (the other side's write half is shut) and the
+    closes; the end is passed on (a TLS close_notify and the TCP write half) and the
     other direction runs until its own source closes, for at most
-    `timing.RELAY_LINGER` seconds. When both have ended, `on_end` runs, then both
-    sockets close and `done` is set. `abort()` ends both at once.
+    `timing.RELAY_LINGER` seconds. A reset or a failed write ends both at once.
+    When both have ended, `on_end` runs, then both sockets close and `done` is set.
+    `abort()` ends both at once, from any thread.
     """
 
     def __init__(
         self,
-        a: socket.socket,
-        b: socket.socket,
+        a: End,
+        b: End,
         name: str,
         traffic: Traffic,
         on_end: Callable[[], None] = lambda: None,
     ) -> None:
-        """`name` names the threads: "NAME >" copies from `a` to `b`, "NAME <" back."""
-        self._a, self._b = a, b
+        """`name` names the thread (15 bytes of it in `ps -L`)."""
+        self._a, self._b = _parts(a), _parts(b)
         self._name = name
         self._traffic = traffic
         self._on_end = on_end
-        self._running = 2
-        self._lock = threading.Lock()
-        self._linger: threading.Timer | None = None
         self.done = threading.Event()
+        self.stopped_by: str | None = None
+        """Why the loop stopped early (a reset, a failed write), once `done`."""
 
     def start(self) -> None:
-        for src, dst, arrow in ((self._a, self._b, ">"), (self._b, self._a, "<")):
-            threading.Thread(
-                target=self._pump,
-                args=(src, dst, f"{self._name} {arrow}"),
-                name=f"{self._name} {arrow}",
-                daemon=True,
-            ).start()
+        threading.Thread(target=self._run, name=self._name, daemon=True).start()
 
     def abort(self) -> None:
-        shutdown(self._a)
-        shutdown(self._b)
+        shutdown(self._a[0])
+        shutdown(self._b[0])
 
-    def _pump(self, src: socket.socket, dst: socket.socket, name: str) -> None:
-        name_thread(name)
-        outward = src is self._a
-        count = self._traffic.count
-        buffer = bytearray(BUFFER_BYTES)
-        view = memoryview(buffer)
+    def _run(self) -> None:
+        name_thread(self._name)
+        (a, a_tls), (b, b_tls) = self._a, self._b
         try:
-            while n := src.recv_into(buffer):
-                dst.sendall(view[:n])
-                count(outward, n)
-        except ssl.SSLEOFError:
-            # The peer shut its TCP write half without a TLS close_notify, as the
-            # relays do (a close_notify cannot be sent while another thread reads):
-            # an end like any other, the records before it were authenticated.
-            pass
-        except (OSError, ValueError):
-            self.abort()  # a reset or a failed write: nothing more can pass either way
+            self.stopped_by = _native.splice(
+                a.fileno(), a_tls, b.fileno(), b_tls, timing.RELAY_LINGER, self._traffic.cells
+            )
+        except (OSError, ValueError) as e:  # a socket already closed
+            self.stopped_by = str(e)
         finally:
-            self._ended(dst)
-
-    def _ended(self, dst: socket.socket) -> None:
-        with self._lock:
-            self._running -= 1
-            last = self._running == 0
-            if not last:
-                self._linger = threading.Timer(timing.RELAY_LINGER, self.abort)
-                self._linger.daemon = True
-                self._linger.start()
-        if not last:
-            shutdown(dst, socket.SHUT_WR)
-            return
-        if self._linger is not None:
-            self._linger.cancel()
-        try:
-            self._on_end()
-        finally:
-            for sock in (self._a, self._b):
-                shutdown(sock)
-                sock.close()
-            self.done.set()
+            try:
+                self._on_end()
+            finally:
+                for sock in (a, b):
+                    shutdown(sock)
+                    sock.close()
+                self.done.set()

@@ -10,17 +10,18 @@ import socket
 import threading
 import time
 
-from hsmdifd.cluster.tls import DeviceCredentials, TlsError, cert_node_id
-from hsmdifd.cluster.tls import server_context as tls_server_context
+from hsmdifd.cluster.tls import DeviceCredentials, TlsError
 from hsmdifd.daemon import timing
-from hsmdifd.engine.relay.listen import Listener, Refusals, check_mode, recv_exact
+from hsmdifd.engine.relay import secure
+from hsmdifd.engine.relay.listen import Listener, Refusals, check_mode
 from hsmdifd.engine.relay.splice import (
+    End,
     Splice,
     Traffic,
-    half_closable,
     nodelay,
     peer_closed,
     shutdown,
+    sock_of,
 )
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class WorkerRelay:
         self._creds = check_mode(data_plane, creds)
         if self._creds is not None and len(token) != TOKEN_BYTES:
             raise ValueError(f"a lease token is {TOKEN_BYTES} bytes, not {len(token)}")
-        self._context = half_closable(tls_server_context(self._creds)) if self._creds else None
+        self._context = secure.server_context(self._creds) if self._creds else None
         self._holder = holder
         self._token = token
         self._host = host
@@ -62,7 +63,7 @@ class WorkerRelay:
         self._claimed = False  # by an authenticated connection of the holder
         self._released = threading.Condition(self._lock)
         self._session: Splice | None = None
-        self._client: socket.socket | None = None  # the session's connection from the root
+        self._client: End | None = None  # the session's connection from the root
         self._closing = False
         self._refusals = Refusals(f"the relay for {holder}")
         self.traffic = Traffic()
@@ -90,7 +91,9 @@ class WorkerRelay:
             # One that arrives as the last one closes is let through: llama.cpp
             # reconnects at once (rpc.register_servers probes, then ggml connects).
             refused = self._closing or (
-                self._claimed and self._client is not None and not peer_closed(self._client)
+                self._claimed
+                and self._client is not None
+                and not peer_closed(sock_of(self._client))
             )
             if not refused:
                 handle = conn.dup()
@@ -108,28 +111,24 @@ class WorkerRelay:
             target=self._admit, args=(conn, handle, peer), name=f"relay admit {peer}", daemon=True
         ).start()
 
-    def _authenticate(self, conn: socket.socket) -> socket.socket:
-        """The connection, over TLS, once the holder proved itself; raises otherwise."""
+    def _authenticate(self, conn: socket.socket) -> End:
+        """The connection, under TLS, once the holder proved itself; raises otherwise."""
         if self._context is None:
             return conn
         deadline = time.monotonic() + timing.RELAY_HANDSHAKE_TIMEOUT
-        conn.settimeout(timing.RELAY_HANDSHAKE_TIMEOUT)
-        secure = self._context.wrap_socket(conn, server_side=True)
-        try:
-            peer = cert_node_id(secure)
-            if peer != self._holder:
-                raise PermissionError(f"its certificate is node {peer}'s, not the lease holder's")
-            if not hmac.compare_digest(recv_exact(secure, TOKEN_BYTES, deadline), self._token):
-                raise PermissionError("wrong lease token")
-        except BaseException:
-            secure.close()
-            raise
-        return secure
+        session = secure.Session.accept(self._context, conn, timing.RELAY_HANDSHAKE_TIMEOUT)
+        peer = session.peer_node_id()
+        if peer != self._holder:
+            raise PermissionError(f"its certificate is node {peer}'s, not the lease holder's")
+        token = session.recv_exact(TOKEN_BYTES, max(0.0, deadline - time.monotonic()))
+        if not hmac.compare_digest(token, self._token):
+            raise PermissionError("wrong lease token")
+        return session
 
     def _admit(self, conn: socket.socket, handle: socket.socket, peer: object) -> None:
         try:
             try:
-                conn = self._authenticate(conn)
+                client = self._authenticate(conn)
             except (OSError, ValueError, TlsError) as e:
                 self._refusals.note(peer, str(e) or type(e).__name__)
                 conn.close()
@@ -140,32 +139,30 @@ class WorkerRelay:
                 )
                 refused = self._closing or self._claimed
                 if not refused:
-                    self._claimed, self._client = True, conn
+                    self._claimed, self._client = True, client
             if refused:
                 self._refusals.note(peer, "busy with the lease holder's connection")
                 shutdown(conn)
                 conn.close()
                 return
-            self._splice(conn, peer)
+            self._splice(client, peer)
         finally:
             with self._lock, contextlib.suppress(ValueError):
                 self._pending.remove(handle)
             handle.close()
 
-    def _splice(self, conn: socket.socket, peer: object) -> None:
+    def _splice(self, client: End, peer: object) -> None:
         """Splice an authenticated connection to the rpc-worker; the relay is claimed."""
         try:
             upstream = socket.create_connection(self._target, timing.RPC_CONNECT_TIMEOUT)
         except OSError as e:
             log.warning("the rpc-worker on %s:%d cannot be reached: %s", *self._target, e)
             self._release()
-            shutdown(conn)
-            conn.close()
+            shutdown(sock_of(client))
+            sock_of(client).close()
             return
-        conn.settimeout(None)
-        upstream.settimeout(None)
         nodelay(upstream)
-        session = Splice(conn, upstream, "relay worker", self.traffic, self._release)
+        session = Splice(client, upstream, "relay worker", self.traffic, self._release)
         with self._lock:
             closing = self._closing
             self._session = session
