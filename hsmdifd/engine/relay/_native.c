@@ -409,9 +409,11 @@ struct flow {
     struct end *src, *dst;
     char *buf;
     int len, off;
-    int eof;    /* `src` has ended */
-    int done;   /* ended, and the end passed on to `dst` */
-    short want; /* what the blocked call waits for: POLLIN or POLLOUT ... */
+    int eof;     /* `src` has ended */
+    int done;    /* ended, and the end passed on to `dst` */
+    int drained; /* the last read took all `src` had: wait for POLLIN before the next */
+    int ready;   /* poll said `want_fd` is ready, or nothing has blocked yet */
+    short want;  /* what the blocked call waits for: POLLIN or POLLOUT ... */
     int want_fd;
     uint64_t *reads, *bytes;
 };
@@ -519,6 +521,13 @@ static enum io flow_step(struct flow *f, char *reason)
             f->done = 1;
             return IO_EOF;
         }
+        if (f->drained) {
+            /* Another read now would most likely find nothing: poll first. */
+            f->drained = 0;
+            f->want = POLLIN;
+            f->want_fd = f->src->fd;
+            return IO_BLOCKED;
+        }
         int n = 0;
         short want = 0;
         enum io r = end_read(f->src, f->buf, BUFFER_BYTES, &n, &want, reason);
@@ -535,6 +544,9 @@ static enum io flow_step(struct flow *f, char *reason)
             return IO_FAILED;
         f->len = n;
         f->off = 0;
+        /* A short read emptied the socket; under TLS only if OpenSSL holds nothing
+         * back (it reads one record at a time: read_ahead is off). */
+        f->drained = n < BUFFER_BYTES && !(f->src->ssl && SSL_has_pending(f->src->ssl));
         *f->reads += 1;
         *f->bytes += (uint64_t)n;
     }
@@ -594,23 +606,34 @@ static PyObject *py_splice(PyObject *self, PyObject *args)
     }
     uint64_t *cells = counters.buf;
     struct flow flows[2] = {
-        {.src = &a, .dst = &b, .buf = bufs, .reads = &cells[0], .bytes = &cells[1]},
-        {.src = &b, .dst = &a, .buf = bufs + BUFFER_BYTES, .reads = &cells[2], .bytes = &cells[3]},
+        {.src = &a, .dst = &b, .buf = bufs, .ready = 1, .reads = &cells[0], .bytes = &cells[1]},
+        {.src = &b,
+         .dst = &a,
+         .buf = bufs + BUFFER_BYTES,
+         .ready = 1,
+         .reads = &cells[2],
+         .bytes = &cells[3]},
     };
     char reason[REASON_BYTES] = "";
     int failed = 0;
     double linger_until = -1.0;
 
+    /* Each round steps only the directions poll woke (a message one way costs a poll,
+     * a read and a write: no read that finds nothing), then polls for what the
+     * blocked ones wait for. */
     Py_BEGIN_ALLOW_THREADS
     for (;;) {
         struct pollfd fds[2];
         int count = 0;
         for (int i = 0; i < 2 && !failed; i++) {
-            enum io r = flow_step(&flows[i], reason);
-            if (r == IO_FAILED)
-                failed = 1;
-            else if (r == IO_BLOCKED)
-                add_want(fds, &count, flows[i].want_fd, flows[i].want);
+            struct flow *f = &flows[i];
+            if (f->ready && !f->done) {
+                f->ready = 0;
+                if (flow_step(f, reason) == IO_FAILED)
+                    failed = 1;
+            }
+            if (!f->done)
+                add_want(fds, &count, f->want_fd, f->want);
         }
         if (failed || (flows[0].done && flows[1].done))
             break;
@@ -627,6 +650,11 @@ static PyObject *py_splice(PyObject *self, PyObject *args)
             failed = 1;
             break;
         }
+        for (int i = 0; i < 2 && n > 0; i++)
+            for (int j = 0; j < count; j++)
+                if (fds[j].fd == flows[i].want_fd &&
+                    (fds[j].revents & (flows[i].want | POLLERR | POLLHUP | POLLNVAL)))
+                    flows[i].ready = 1;
     }
     Py_END_ALLOW_THREADS
 
