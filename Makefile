@@ -12,7 +12,13 @@ LLAMA_VERSION := 0.3.36
 # Our own cache of the RPC build, never pip's: pip's wheel cache can hand back a
 # build made without -DGGML_RPC=ON.
 CACHE_HOME ?= $(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)
-WHEELS := $(CACHE_HOME)/hsmdif/wheels/llama-cpp-python-$(LLAMA_VERSION)-rpc
+# llama.cpp builds for this CPU (-march=native), AMX left out on x86-64: its matrix
+# kernels crash the engine (SIGSEGV at ldtilecfg) on Xeons under a hypervisor.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS := -DGGML_RPC=ON $(if $(filter x86_64,$(shell uname -m)),"-DCMAKE_C_FLAGS=$(NO_AMX)" "-DCMAKE_CXX_FLAGS=$(NO_AMX)")
+# A build made for another CPU or with other flags is not reused: the key is theirs.
+BUILD_KEY := $(shell { echo '$(LLAMA_CMAKE_ARGS)'; grep -m1 -E '^(flags|Features)' /proc/cpuinfo; } | sha256sum | cut -c1-12)
+WHEELS := $(CACHE_HOME)/hsmdif/wheels/llama-cpp-python-$(LLAMA_VERSION)-rpc-$(BUILD_KEY)
 APT_PACKAGES := python3-venv python3-dev build-essential cmake pkg-config libsystemd-dev libssl-dev iproute2 systemd nftables
 
 .PHONY: help deps venv demo test check lint types unit proto bench bench-quick bench-smoke clean
@@ -35,15 +41,18 @@ deps:
 	  exit 1; \
 	fi
 
-venv: $(VENV)/.ready
+# The stamp names the llama.cpp build: another CPU or other flags make the venv again.
+READY := $(VENV)/.ready-$(BUILD_KEY)
 
-$(VENV)/.ready: pyproject.toml setup.py hsmdifd/engine/relay/_native.c | deps
+venv: $(READY)
+
+$(READY): pyproject.toml setup.py hsmdifd/engine/relay/_native.c | deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if ! ls $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1; then \
 	  echo "Building llama-cpp-python $(LLAMA_VERSION) with the RPC backend (about 9 minutes on 2 cores)"; \
 	  rm -rf $(WHEELS) && mkdir -p $(WHEELS); \
-	  CMAKE_ARGS="-DGGML_RPC=ON" $(PY) -m pip wheel -q --no-cache-dir --no-deps \
+	  CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(PY) -m pip wheel -q --no-cache-dir --no-deps \
 	    --no-binary llama-cpp-python -w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION); \
 	fi
 	$(PY) -m pip install -q --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
@@ -52,6 +61,7 @@ $(VENV)/.ready: pyproject.toml setup.py hsmdifd/engine/relay/_native.c | deps
 	  [ $$? != 3 ] || { rm -rf $(WHEELS); \
 	    echo "llama-cpp-python was built without RPC: removed $(WHEELS); run make again to rebuild" >&2; }; \
 	  exit 1; }
+	@rm -f $(VENV)/.ready $(VENV)/.ready-*
 	@touch $@
 
 # The main job: a real daemon in the background on a temporary socket, the bundled

@@ -5,6 +5,7 @@ llama_cpp is imported plainly: without it these tests fail rather than skip.
 
 from __future__ import annotations
 
+import platform
 import re
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from hsmdifd.engine.child import LlamaLog
+from hsmdifd.engine.child import LlamaLog, extra_buffers_safe
 from hsmdifd.placement.gguf_model import read_model_shape
 from hsmdifd.placement.memory_estimate import MIB, estimate_memory
 from tests.tinymodel import write_tiny_llama
@@ -36,6 +37,23 @@ def tiny_llama(tiny: Path) -> Iterator[llama_cpp.Llama]:
         yield llm
     finally:
         llm.close()
+
+
+def test_the_build_has_no_amx_kernels() -> None:
+    """`make venv` leaves AMX out: its kernels crash the engine at the first token
+    of a quantized model on Xeons under a hypervisor (llama.cpp issue 20824)."""
+    info = llama_cpp.llama_print_system_info().decode()
+    if platform.machine() == "x86_64":
+        assert "AVX2 = 1" in info or "AVX = 1" in info, info  # built for this CPU
+    assert "AMX_INT8 = 1" not in info, info
+    assert extra_buffers_safe(info)
+
+
+def test_an_amx_build_keeps_weights_out_of_the_extra_buffers() -> None:
+    base = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | "
+    assert not extra_buffers_safe(base + "AMX_INT8 = 1 | REPACK = 1 | ")
+    assert extra_buffers_safe(base + "REPACK = 1 | ")
+    assert extra_buffers_safe("")
 
 
 def test_tiny_model_generates_tokens(tiny_llama: llama_cpp.Llama) -> None:

@@ -113,6 +113,13 @@ def _listen_to_llama_cpp() -> None:
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
+def extra_buffers_safe(system_info: str) -> bool:
+    """Whether llama.cpp may repack weights into its extra buffer types, from its
+    `llama_print_system_info()`: not in a build with AMX kernels, whose matrix multiply
+    crashes the process (SIGSEGV at ldtilecfg, ggml-org/llama.cpp#20824)."""
+    return "AMX_INT8 = 1" not in system_info
+
+
 def chat_template(metadata: dict[str, str]) -> str:
     """The model's own template, else a built-in one for its architecture."""
     if template := metadata.get("tokenizer.chat_template"):
@@ -151,10 +158,17 @@ def _load(request: pb.EngineLoadRequest, progress: queue.Queue[float]) -> _Loade
 
     callback = callback_type(report)
     default_params = llama_cpp.llama_cpp.llama_model_default_params
+    extra_buffers = extra_buffers_safe(llama_cpp.llama_print_system_info().decode())
+    if not extra_buffers:
+        log.warning(
+            "this llama.cpp build has AMX kernels, which crash (llama.cpp issue 20824): "
+            "weights stay in plain CPU buffers; `make venv` builds without AMX"
+        )
 
     def params_with_progress() -> Any:
         params = default_params()
         params.progress_callback = callback
+        params.use_extra_bufts = extra_buffers
         return params
 
     # Llama() builds its model parameters from this function and offers no other
