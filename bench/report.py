@@ -272,7 +272,8 @@ def memory_text(m: dict[str, Any]) -> str:
     return (
         "Measured = the larger of llama.cpp's logged buffers and the process's RSS "
         "growth (from before the model is created to after a prompt that fills the "
-        "context). Error = estimate / measured - 1.\n\n" + table(header, rows)
+        "context; alone, the median of 3 fresh processes). Error = estimate / measured - 1."
+        "\n\n" + table(header, rows)
     )
 
 
