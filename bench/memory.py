@@ -85,7 +85,7 @@ median is compared."""
 def standalone(model: Path, n_ctx: int, threads: int) -> dict[str, Any]:
     """One device: the model loaded alone in a fresh process, RUNS times."""
     options = ["--verbose", "--n-ctx", str(n_ctx), "--threads", str(threads)]
-    growths, logged = [], 0.0
+    growths = []
     for _ in range(RUNS):
         r = subprocess.run(
             [sys.executable, "-m", "bench.llama_rpc", str(model), *options],
@@ -98,7 +98,7 @@ def standalone(model: Path, n_ctx: int, threads: int) -> dict[str, Any]:
         )
         before, _load, _fill, after = (json.loads(line) for line in r.stdout.splitlines())
         growths.append(after["rss"] - before["rss"])
-        logged = sum(logged_buffers(r.stderr).values())
+    logged = sum(logged_buffers(r.stderr).values())  # the same buffers every run
     estimate = estimate_memory(read_model_shape(model), n_ctx).total
     return {"n_ctx": n_ctx, **compare(estimate, logged, int(statistics.median(growths)))}
 
