@@ -44,7 +44,7 @@ def test_the_build_has_no_amx_kernels() -> None:
     of a quantized model on Xeons under a hypervisor (llama.cpp issue 20824)."""
     info = llama_cpp.llama_print_system_info().decode()
     if platform.machine() == "x86_64":
-        assert "AVX2 = 1" in info or "AVX = 1" in info, info  # built for this CPU
+        assert "AVX2 = 1" in info or "AVX = 1" in info, info  # it lists the features
     assert "AMX_INT8 = 1" not in info, info
     assert extra_buffers_safe(info)
 
