@@ -10,12 +10,14 @@ alternate between the two; the figures are medians, the ratio the median of the
 ratios of back-to-back pairs. Per decoded token (a generation of 96 tokens, 48 in
 the quick run, less one of 1): bytes on the wire from the root host's veth
 counters (every RPC byte passes through the root), the CPU time of the root's
-processes (daemon and engine, or the by-hand client) and of hsmdifctl, and that of
-the relays' copy threads (found by their names in /proc: the root daemon's, and
-the workers' together). The same costs with `data_plane = "plain"` come from a
-second cluster of the same hosts, without the by-hand run (not in the quick run,
-which must fit its time budget on a busy machine, unless --plain). Prints a table,
-what separates each ratio from 0.97, and merges `distributed` into bench/results.json.
+processes (daemon and engine, or the by-hand client) and of hsmdifctl, that of the
+relays' copy threads (found by their names in /proc: the root daemon's, and the
+workers' together), and that of the rpc-workers (computing the same graph either
+way). The same costs with `data_plane = "plain"` come from a second cluster of the
+same hosts, without the by-hand run (not in the quick run, which must fit its time
+budget on a busy machine, unless --plain). Prints a table, what separates each ratio
+from 0.97 with a bootstrap interval of the ratio, and merges `distributed` into
+bench/results.json.
 
     sudo python -m bench.distributed [--reps N] [--tokens N] [--quick [--plain]]
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,7 @@ QUICK_COST_TOKENS = 48  # in the quick run
 
 
 ENGINE = "hsmdifd.engine.child"  # in the engine child's command line
+RPC_WORKER = "hsmdifd.engine.rpc_worker"  # in the rpc-workers' command lines
 RELAY_THREAD = "relay "  # how the relays' copy threads are named (hsmdifd.engine.relay.splice)
 
 
@@ -84,21 +88,30 @@ def relay_cpu_seconds(pids: Sequence[int]) -> float:
     return total / 1e9
 
 
-def engine_cpu_seconds(pid: int) -> float:
-    """CPU time so far of the engine child among the descendants of `pid`."""
+def child_cpu_seconds(pids: Sequence[int], module: str = ENGINE) -> float:
+    """CPU time so far of the children running `module` among the descendants of `pids`."""
     total = 0.0
-    with contextlib.suppress(psutil.NoSuchProcess):
-        for proc in psutil.Process(pid).children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if ENGINE in " ".join(proc.cmdline()):
-                    times = proc.cpu_times()
-                    total += times.user + times.system
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for proc in psutil.Process(pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if module in " ".join(proc.cmdline()):
+                        times = proc.cpu_times()
+                        total += times.user + times.system
     return total
 
 
+def ratio_interval(ratios: Sequence[float], draws: int = 2000) -> tuple[float, float]:
+    """A 90 % bootstrap interval of the median of `ratios` (a fixed seed: the same pairs
+    give the same interval)."""
+    pick = random.Random(0)
+    medians = sorted(median(pick.choices(ratios, k=len(ratios))) for _ in range(draws))
+    return medians[int(0.05 * draws)], medians[int(0.95 * draws) - 1]
+
+
 def cost_meters(root: Daemon, daemons: Sequence[Daemon]) -> dict[str, Callable[[], float]]:
-    """What `per_token` counts of an hsmdif generation: wire bytes, CPU of the root and
-    of the relays."""
+    """What `per_token` counts of an hsmdif generation: wire bytes, CPU of the root, of the
+    relays and of the rpc-workers."""
     host = root.host
     assert root.proc is not None and host is not None
     daemon = root.proc.pid
@@ -107,9 +120,10 @@ def cost_meters(root: Daemon, daemons: Sequence[Daemon]) -> dict[str, Callable[[
         "wire_bytes_per_token": lambda: float(link_bytes(host)),
         "root_cpu_ms_per_token": lambda: cpu_seconds(daemon) * 1000,
         "hsmdifctl_cpu_ms_per_token": lambda: children_cpu_seconds() * 1000,
-        "root_engine_cpu_ms_per_token": lambda: engine_cpu_seconds(daemon) * 1000,
+        "root_engine_cpu_ms_per_token": lambda: child_cpu_seconds([daemon]) * 1000,
         "root_relay_cpu_ms_per_token": lambda: relay_cpu_seconds([daemon]) * 1000,
         "worker_relay_cpu_ms_per_token": lambda: relay_cpu_seconds(workers) * 1000,
+        "rpc_workers_cpu_ms_per_token": lambda: child_cpu_seconds(workers, RPC_WORKER) * 1000,
     }
 
 
@@ -199,6 +213,9 @@ def measure(
                     {
                         "wire_bytes_per_token": lambda: float(link_bytes(order[0])),
                         "root_cpu_ms_per_token": lambda: cpu_seconds(client) * 1000,
+                        "rpc_workers_cpu_ms_per_token": lambda: (
+                            sum(cpu_seconds(p) for p in by_hand.worker_pids) * 1000
+                        ),
                     },
                 )
                 result.update(rounded(measured, "llama_rpc_"))
@@ -213,10 +230,9 @@ def measure(
         result["ms_per_token"] = round(1000 / h_tps, 2)
         result["completion_tokens"] = min(r.tokens for r in ours)
         if hand:  # pairs run back to back: the median of their ratios drifts least
-            pairs = zip(ours, theirs, strict=True)
-            result["decode_ratio"] = round(
-                median([a.tokens_per_s / b.tokens_per_s for a, b in pairs]), 4
-            )
+            ratios = [a.tokens_per_s / b.tokens_per_s for a, b in zip(ours, theirs, strict=True)]
+            result["decode_ratio"] = round(median(ratios), 4)
+            result["decode_ratio_interval"] = [round(x, 4) for x in ratio_interval(ratios)]
             result["ttft_overhead_ms"] = round(h_ttft - result["llama_rpc_ttft_ms"], 1)
         return result
 
@@ -293,11 +309,17 @@ def print_gap(by_hosts: dict[str, dict[str, Any]]) -> None:
         hand, ours = 1000 / r["llama_rpc_tokens_per_s"], 1000 / r["hsmdif_tokens_per_s"]
         relays = r["root_relay_cpu_ms_per_token"] + r["worker_relay_cpu_ms_per_token"]
         daemon = r["root_cpu_ms_per_token"] - r["root_engine_cpu_ms_per_token"]
+        low, high = r["decode_ratio_interval"]
         print(
             f"{n} hosts: {hand:.2f} ms/token by hand, {ours:.2f} through hsmdif "
-            f"(0.97 allows {hand / 0.97:.2f}); CPU per token: relays {relays:.2f} ms, the "
-            f"root daemon {daemon:.2f} ms with its relays, hsmdifctl "
-            f"{r['hsmdifctl_cpu_ms_per_token']:.2f} ms"
+            f"(0.97 allows {hand / 0.97:.2f}); ratio {r['decode_ratio']:.3f}, 90 % of "
+            f"resampled medians in {low:.3f}-{high:.3f}; CPU per token: relays "
+            f"{relays:.2f} ms, the root daemon {daemon:.2f} ms with its relays, hsmdifctl "
+            f"{r['hsmdifctl_cpu_ms_per_token']:.2f} ms; engine "
+            f"{r['root_engine_cpu_ms_per_token']:.2f} ms against the by-hand client's "
+            f"{r['llama_rpc_root_cpu_ms_per_token']:.2f}, "
+            f"rpc-workers {r['rpc_workers_cpu_ms_per_token']:.2f} ms against "
+            f"{r['llama_rpc_rpc_workers_cpu_ms_per_token']:.2f} by hand (the same graph)"
         )
 
 
