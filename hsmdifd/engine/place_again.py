@@ -38,11 +38,14 @@ async def place_again(
         engine.prepare()  # the next one starts while the loss is looked into
     try:
         error = await name_lost_worker(error, leases, cluster)
+        # Workers whose RPC stopped answering now: a heartbeat of a worker's daemon may
+        # make it plannable again before the plan below, but its share was lost.
+        probed = cluster.unreachable_ids & {h.node_id for h in leases}
         if engine.state == pb.READY:
             raise error  # the engine refused the request: nothing was lost
         await finish(placer.forget())  # FAILED says why until the next load
         planned = {d.node_id for d in cluster.capacities()}
-        lost = [h.name for h in leases if h.node_id not in planned]
+        lost = [h.name for h in leases if h.node_id not in planned or h.node_id in probed]
         if not lost:
             raise error
         if not answer.may_resume():
