@@ -751,7 +751,11 @@ def _flood_then_listen(
     finally:
         if listener is not None:
             listener.send_signal(signal.SIGTERM)
-            listener.wait(15)
+            try:
+                listener.wait(15)
+            except subprocess.TimeoutExpired:  # its goodbyes, slow on a loaded machine
+                listener.kill()
+                listener.wait()
         flood.communicate(timeout=30)  # its goodbyes
         settle(lan)
 
