@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from bench.common import (
     MIB,
     N_CTX,
     RESULTS,
+    BenchDaemon,
     HandRpc,
     Synthetic,
     Timing,
@@ -55,6 +56,7 @@ from bench.common import (
 )
 from hsmdifd.placement.gguf_model import read_model_shape
 from tests.conftest import Daemon
+from tests.netns import Host
 
 MODEL = Synthetic(n_layer=10, n_embd=1024, n_ff=2816)
 CPU_QUOTA = 1.0
@@ -137,19 +139,20 @@ def rounded(costs: dict[str, float], prefix: str = "") -> dict[str, float]:
     return {prefix + k: round(v) if "bytes" in k else round(v, 2) for k, v in costs.items()}
 
 
-def measure(
-    hosts: int,
-    model: Path,
-    reps: int,
-    tokens: int,
-    hand: bool,
-    *,
-    data_plane: str = "tls",
-    cost_tokens: int = COST_TOKENS,
-) -> dict[str, Any]:
-    """hsmdif on `hosts` hosts (and, with `hand`, llama.cpp RPC by hand beside it)."""
+def usable_per_host(model: Path, hosts: int) -> int | None:
+    """The memory each daemon declares, so that the plan needs exactly `hosts` hosts."""
+    return usable_for(read_model_shape(model), N_CTX, hosts) if hosts > 1 else None
+
+
+@contextlib.contextmanager
+def loaded_split(
+    hosts: int, model: Path, data_plane: str = "tls"
+) -> Iterator[tuple[list[BenchDaemon], Daemon, list[Host], dict[str, Any]]]:
+    """`hosts` namespace hosts with a daemon each, the model loaded over all of them:
+    the daemons, the root's, the hosts in the plan's order (the root's first) and the
+    plan."""
     shape = read_model_shape(model)
-    usable = usable_for(shape, N_CTX, hosts) if hosts > 1 else None
+    usable = usable_per_host(model, hosts)
     # Room for the daemon, its rpc-worker or engine, and a by-hand worker with the same layers.
     limit = 2 * (usable or 2 * shape.size_bytes) + 768 * MIB
     with (
@@ -173,6 +176,21 @@ def measure(
         order = [by_name[d["name"]] for d in plan["devices"]]
         if len(order) != hosts:
             raise RuntimeError(f"the plan uses {len(order)} hosts, not {hosts}: {plan}")
+        yield daemons, root, order, plan
+
+
+def measure(
+    hosts: int,
+    model: Path,
+    reps: int,
+    tokens: int,
+    hand: bool,
+    *,
+    data_plane: str = "tls",
+    cost_tokens: int = COST_TOKENS,
+) -> dict[str, Any]:
+    """hsmdif on `hosts` hosts (and, with `hand`, llama.cpp RPC by hand beside it)."""
+    with loaded_split(hosts, model, data_plane) as (daemons, root, order, plan):
         output = next(d for d in plan["devices"] if d["holds_output"])
         result: dict[str, Any] = {
             "layers": {d["name"]: d["layers"] for d in plan["devices"]},
@@ -182,7 +200,7 @@ def measure(
             "n_gpu_layers": plan["n_gpu_layers"],
             "tensor_split": plan["tensor_split"],
         }
-        if usable:
+        if usable := usable_per_host(model, hosts):
             result["usable_mb_per_host"] = round(usable / MIB)
         ours: list[Timing] = []
         theirs: list[Timing] = []
