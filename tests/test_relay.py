@@ -494,16 +494,22 @@ def test_worker_exits_when_its_daemon_is_killed(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- leases
 
 
+def worker_leases(creds: Creds, tmp_path: Path, **options: Any) -> Leases:
+    """The leases a worker grants, over TLS, with its rpc-workers' cache in `tmp_path`."""
+    return Leases(
+        HOST,
+        tmp_path / "cache",
+        1,
+        lambda epoch: None,
+        credentials=creds.worker,
+        data_plane="tls",
+        **options,
+    )
+
+
 def test_lease_serves_its_root_through_the_relay(creds: Creds, tmp_path: Path) -> None:
     async def main() -> None:
-        leases = Leases(
-            HOST,
-            tmp_path / "cache",
-            1,
-            lambda epoch: None,
-            credentials=creds.worker,
-            data_plane="tls",
-        )
+        leases = worker_leases(creds, tmp_path)
         request = pb.LeaseRequest(epoch=pb.Epoch(policy_version=1, root_id=ROOT, generation=1))
         try:
             lease = await leases.start(request, ROOT)
@@ -535,14 +541,7 @@ def test_lease_serves_its_root_through_the_relay(creds: Creds, tmp_path: Path) -
 
 def test_lease_relay_closes_when_the_worker_ends(creds: Creds, tmp_path: Path) -> None:
     async def main() -> None:
-        leases = Leases(
-            HOST,
-            tmp_path / "cache",
-            1,
-            lambda epoch: None,
-            credentials=creds.worker,
-            data_plane="tls",
-        )
+        leases = worker_leases(creds, tmp_path)
         request = pb.LeaseRequest(epoch=pb.Epoch(policy_version=1, root_id=ROOT, generation=1))
         try:
             lease = await leases.start(request, ROOT)
@@ -563,18 +562,49 @@ def test_lease_relay_closes_when_the_worker_ends(creds: Creds, tmp_path: Path) -
     run(main())
 
 
+def test_the_daemon_measures_again_once_a_leases_worker_has_exited(
+    creds: Creds, tmp_path: Path
+) -> None:
+    """Ended by the root's going, or by the rpc-worker's own exit: `released` runs each
+    time, and only once the process is gone (its memory counted free by then)."""
+
+    async def main() -> None:
+        exited: list[bool] = []
+        held: list[asyncio.subprocess.Process] = []
+
+        async def released() -> None:
+            exited.append(held[-1].returncode is not None)
+
+        leases = worker_leases(creds, tmp_path, released=released)
+        request = pb.LeaseRequest(epoch=pb.Epoch(policy_version=1, root_id=ROOT, generation=1))
+        try:
+            lease = await leases.start(request, ROOT)
+            assert leases._held is not None
+            held.append(leases._held.proc)
+            assert exited == []
+            await leases.holder_gone(live={WORKER})
+            assert exited == [True]
+
+            await leases.start(request, ROOT)
+            assert leases._held is not None and leases._held.lease_id != lease.lease_id
+            held.append(leases._held.proc)
+            leases._held.proc.kill()
+            deadline = time.monotonic() + 10
+            while len(exited) < 2:
+                assert time.monotonic() < deadline, "released did not run after the exit"
+                await asyncio.sleep(0.05)
+            assert exited == [True, True]
+        finally:
+            await leases.close()
+
+    run(main())
+
+
 def test_a_new_lease_cuts_the_old_root_at_once(creds: Creds, tmp_path: Path) -> None:
     """A root that was deposed (a new lease went to another) is cut off mid-connection."""
 
     async def main() -> None:
-        leases = Leases(
-            HOST,
-            tmp_path / "cache",
-            1,
-            lambda epoch: None,
-            credentials=creds.worker,
-            data_plane="tls",
-        )
+        leases = worker_leases(creds, tmp_path)
         old = pb.LeaseRequest(epoch=pb.Epoch(policy_version=1, root_id=ROOT, generation=1))
         new = pb.LeaseRequest(epoch=pb.Epoch(policy_version=2, root_id=BYSTANDER, generation=2))
         try:

@@ -44,11 +44,16 @@ async def watch_metrics(metrics: Metrics) -> None:
         await asyncio.sleep(timing.METRICS_WATCH)
 
 
+async def measure_device(cluster: Cluster, measure: Callable[[], pb.DeviceProfile]) -> None:
+    """Measure this device now, off the loop, and make the figures current."""
+    cluster.set_device(await asyncio.to_thread(measure))
+
+
 async def refresh_device(cluster: Cluster, measure: Callable[[], pb.DeviceProfile]) -> None:
-    """Keep this device's figures current, measured off the loop."""
+    """Keep this device's figures current."""
     while True:
         try:
-            cluster.set_device(await asyncio.to_thread(measure))
+            await measure_device(cluster, measure)
         except Exception:
             log.exception("measuring this device failed")
         await asyncio.sleep(timing.DEVICE_REFRESH)

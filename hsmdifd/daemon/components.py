@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -75,9 +75,14 @@ async def device_credentials(config: Config, node_id: str, secret: bytes) -> tls
 
 
 def leases(
-    config: Config, identity: Identity, cluster: Cluster, credentials: tls.DeviceCredentials
+    config: Config,
+    identity: Identity,
+    cluster: Cluster,
+    credentials: tls.DeviceCredentials,
+    released: Callable[[], Awaitable[None]],
 ) -> Leases:
-    """The leases this device grants as a worker."""
+    """The leases this device grants as a worker; `released` runs as each one's
+    rpc-worker has exited."""
     timing = config.timing
     return Leases(
         identity.address.rsplit(":", 1)[0],
@@ -88,6 +93,7 @@ def leases(
         data_plane=config.cluster.data_plane,
         keepalive_interval=timing.heartbeat_interval,
         dead_after=timing.dead_after,
+        released=released,
     )
 
 

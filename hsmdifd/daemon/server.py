@@ -104,7 +104,13 @@ class Daemon:
         stack.push_async_callback(cluster.stop)
         leases = None
         if credentials is not None:
-            leases = components.leases(config, identity, cluster, credentials)
+            leases = components.leases(
+                config,
+                identity,
+                cluster,
+                credentials,
+                lambda: background.measure_device(cluster, self.device_profile),
+            )
             stack.push_async_callback(leases.close)  # ends the rpc-worker this device runs
         engine = Engine(Engine.child_socket(path.parent))
         models = self._models = Models(config, engine, cluster)

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
@@ -63,6 +63,9 @@ class Leases:
     the cluster address relays listen on. `data_plane` is "tls" (needs `credentials`;
     what the daemon passes by default) or "plain". The rpc-worker gets a keepalive byte
     every `keepalive_interval` and exits after `dead_after` seconds without one.
+    `released` runs each time an rpc-worker has exited (its memory is free again): the
+    daemon measures the device anew then, so that a plan made right after counts that
+    memory (this device is often the next root when the one it served is lost).
     """
 
     host: str
@@ -74,6 +77,7 @@ class Leases:
     data_plane: str = "plain"
     keepalive_interval: float = timing.HEARTBEAT_INTERVAL
     dead_after: float = timing.DEAD_AFTER
+    released: Callable[[], Awaitable[None]] | None = None
     _held: _Held | None = field(default=None, init=False)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
 
@@ -168,6 +172,7 @@ class Leases:
             proc.returncode,
         )
         await relay.close()
+        await self._released()
 
     async def end(self, lease_id: str) -> None:
         async with self._lock:
@@ -190,6 +195,15 @@ class Leases:
             await held.relay.close()
             await stop_child(held.proc)
             log.info("lease %s ended; %s closed", held.lease_id, held.endpoint)
+            await self._released()
+
+    async def _released(self) -> None:
+        if self.released is None:
+            return
+        try:
+            await self.released()
+        except Exception:
+            log.exception("measuring this device after a lease ended failed")
 
     async def close(self) -> None:
         async with self._lock:
