@@ -29,7 +29,7 @@ import contextlib
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 
@@ -139,20 +139,23 @@ def rounded(costs: dict[str, float], prefix: str = "") -> dict[str, float]:
     return {prefix + k: round(v) if "bytes" in k else round(v, 2) for k, v in costs.items()}
 
 
-def usable_per_host(model: Path, hosts: int) -> int | None:
-    """The memory each daemon declares, so that the plan needs exactly `hosts` hosts."""
-    return usable_for(read_model_shape(model), N_CTX, hosts) if hosts > 1 else None
+class Split(NamedTuple):
+    """A model loaded over namespace hosts, a daemon on each."""
+
+    daemons: list[BenchDaemon]
+    root: Daemon
+    order: list[Host]
+    """The hosts in the plan's order, the root's first."""
+    plan: dict[str, Any]
+    usable: int | None
+    """The memory each daemon declares (None on one host), so that the plan needs them all."""
 
 
 @contextlib.contextmanager
-def loaded_split(
-    hosts: int, model: Path, data_plane: str = "tls"
-) -> Iterator[tuple[list[BenchDaemon], Daemon, list[Host], dict[str, Any]]]:
-    """`hosts` namespace hosts with a daemon each, the model loaded over all of them:
-    the daemons, the root's, the hosts in the plan's order (the root's first) and the
-    plan."""
+def loaded_split(hosts: int, model: Path, data_plane: str = "tls") -> Iterator[Split]:
+    """`hosts` namespace hosts with a daemon each, the model loaded over all of them."""
     shape = read_model_shape(model)
-    usable = usable_per_host(model, hosts)
+    usable = usable_for(shape, N_CTX, hosts) if hosts > 1 else None
     # Room for the daemon, its rpc-worker or engine, and a by-hand worker with the same layers.
     limit = 2 * (usable or 2 * shape.size_bytes) + 768 * MIB
     with (
@@ -176,7 +179,7 @@ def loaded_split(
         order = [by_name[d["name"]] for d in plan["devices"]]
         if len(order) != hosts:
             raise RuntimeError(f"the plan uses {len(order)} hosts, not {hosts}: {plan}")
-        yield daemons, root, order, plan
+        yield Split(daemons, root, order, plan, usable)
 
 
 def measure(
@@ -190,7 +193,7 @@ def measure(
     cost_tokens: int = COST_TOKENS,
 ) -> dict[str, Any]:
     """hsmdif on `hosts` hosts (and, with `hand`, llama.cpp RPC by hand beside it)."""
-    with loaded_split(hosts, model, data_plane) as (daemons, root, order, plan):
+    with loaded_split(hosts, model, data_plane) as (daemons, root, order, plan, usable):
         output = next(d for d in plan["devices"] if d["holds_output"])
         result: dict[str, Any] = {
             "layers": {d["name"]: d["layers"] for d in plan["devices"]},
@@ -200,7 +203,7 @@ def measure(
             "n_gpu_layers": plan["n_gpu_layers"],
             "tensor_split": plan["tensor_split"],
         }
-        if usable := usable_per_host(model, hosts):
+        if usable:
             result["usable_mb_per_host"] = round(usable / MIB)
         ours: list[Timing] = []
         theirs: list[Timing] = []

@@ -241,7 +241,7 @@ def trace_one(
 def measure(hosts: int, pairs: int, tokens: int, tracer: Tracer) -> tuple[Traced, Traced]:
     """hsmdif and llama.cpp RPC by hand on `hosts` hosts, `pairs` traced pairs."""
     ours, theirs = Traced([], [], [], []), Traced([], [], [], [])
-    with loaded_split(hosts, MODEL.path()) as (_daemons, root, order, plan):
+    with loaded_split(hosts, MODEL.path()) as (_daemons, root, order, plan, _usable):
         hsmdif_prompt(root, 8)  # warm up
         with HandRpc(order[0], order[1:], MODEL.path(), plan["n_ctx"]) as by_hand:
             by_hand.load(plan["n_gpu_layers"], plan["tensor_split"])

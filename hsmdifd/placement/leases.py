@@ -203,7 +203,7 @@ class Leases:
         try:
             await self.released()
         except Exception:
-            log.exception("measuring this device after a lease ended failed")
+            log.exception("what runs after a lease's rpc-worker exited failed")
 
     async def close(self) -> None:
         async with self._lock:
