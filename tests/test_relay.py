@@ -600,6 +600,34 @@ def test_the_daemon_measures_again_once_a_leases_worker_has_exited(
     run(main())
 
 
+def test_a_failing_released_still_ends_the_lease(
+    creds: Creds, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A measurement that fails after a lease ended is logged; the lease stays ended, its
+    relay closed, and the next lease is granted."""
+
+    async def main() -> None:
+        async def released() -> None:
+            raise OSError("cannot read /proc/meminfo")
+
+        leases = worker_leases(creds, tmp_path, released=released)
+        request = pb.LeaseRequest(epoch=pb.Epoch(policy_version=1, root_id=ROOT, generation=1))
+        try:
+            lease = await leases.start(request, ROOT)
+            await leases.end(lease.lease_id)
+            assert leases.holder is None
+            with pytest.raises(ConnectionRefusedError):
+                connect((HOST, int(lease.endpoint.split(":")[1])))
+            again = await leases.start(request, ROOT)
+            assert again.lease_id != lease.lease_id and leases.holder == ROOT
+        finally:
+            await leases.close()
+
+    run(main())
+    assert "what runs after a lease's rpc-worker exited failed" in caplog.text
+    assert "cannot read /proc/meminfo" in caplog.text
+
+
 def test_a_new_lease_cuts_the_old_root_at_once(creds: Creds, tmp_path: Path) -> None:
     """A root that was deposed (a new lease went to another) is cut off mid-connection."""
 
